@@ -1,0 +1,27 @@
+# One target per promise: `make setup`, `make demo` (the main job), `make test` (exactly what CI runs).
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test lint format
+
+setup:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first, pinned to the CPU build on this machine's disk (constraints.txt); then the package.
+	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
+
+demo:
+	$(BIN)/rlarith data check --config configs/default.yaml
+
+lint:
+	$(BIN)/ruff check rlarith tests benchmarks
+	$(BIN)/ruff format --check rlarith tests benchmarks
+
+format:
+	$(BIN)/ruff format rlarith tests benchmarks
+	$(BIN)/ruff check --fix rlarith tests benchmarks
+
+test: lint
+	$(BIN)/python -m pytest
