@@ -16,12 +16,12 @@ demo:
 	$(BIN)/rlarith data check --config configs/default.yaml
 
 lint:
-	$(BIN)/ruff check rlarith tests benchmarks
-	$(BIN)/ruff format --check rlarith tests benchmarks
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 format:
-	$(BIN)/ruff format rlarith tests benchmarks
-	$(BIN)/ruff check --fix rlarith tests benchmarks
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
 
 test: lint
 	$(BIN)/python -m pytest
