@@ -46,10 +46,135 @@ def cmd_init_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from rlarith.train import train
+
+    return train(load_config(args.config, args.overrides), force=args.force)
+
+
+def cmd_bootstrap(args: argparse.Namespace) -> int:
+    from rlarith.bootstrap import bootstrap
+
+    result = bootstrap(load_config(args.config, args.overrides), steps=args.steps, out=args.out)
+    print(f"bootstrapped model: {result.path} (held-out greedy accuracy {result.accuracy:.1%})")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from rlarith.demo import demo
+
+    return demo(load_config(args.config or "configs/default.yaml", args.overrides))
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     print(to_yaml(cfg), end="")
     return 0
+
+
+# ---- eval / compare (rlarith.evaluate) ----------------------------------------------------------------
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from rlarith import evaluate as ev
+
+    target = ev.resolve_target(args.target, args.config)
+    settings = ev.EvalSettings(
+        split=args.split,
+        n=args.n,
+        samples=args.samples,
+        temperature=args.temperature,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+    )
+    results = ev.run_eval(target, settings, force=args.force, all_checkpoints=args.all_checkpoints)
+    print(ev.markdown_table(results), end="")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from rlarith import evaluate as ev
+
+    runs = [Path(r) for r in args.runs]
+    out = Path(args.out) if args.out else runs[0].parent / "compare.png"
+    print(ev.compare(runs, out, split=args.split), end="")
+    print(f"wrote {out} and {out.with_suffix('.md')}")
+    return 0
+
+
+def _add_eval_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="score a run's latest checkpoint (or every one) on held-out problems")
+    p.add_argument("target", help="a run directory, one of its checkpoints, or a model directory + --config")
+    p.add_argument("--config", "-c", default=None, help="run config for a bare model directory")
+    p.add_argument("--split", choices=("val", "test"), default=None, help="default: eval.split")
+    p.add_argument("--n", type=int, default=None, help="score the first N held-out problems (eval.n)")
+    p.add_argument("--samples", type=int, default=None, help="completions per problem (eval.samples)")
+    p.add_argument("--temperature", type=float, default=None, help="0: greedy (eval.temperature)")
+    p.add_argument("--batch-size", type=int, default=None, help="problems per batch (eval.batch_size)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="(eval.max_new_tokens)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--force", action="store_true", help="score even if held-out problems overlap training")
+    p.add_argument("--all-checkpoints", action="store_true", help="score the base model and every checkpoint")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("compare", help="held-out accuracy and training reward over steps across runs")
+    p.add_argument("runs", nargs="+", metavar="RUN")
+    p.add_argument("--split", choices=("val", "test"), default="val")
+    p.add_argument("--out", default=None, help="plot path (default: <runs dir>/compare.png; table beside it)")
+    p.set_defaults(func=cmd_compare)
+
+
+# ---- end eval / compare -------------------------------------------------------------------------------
+
+
+# ---- traces (rlarith.traces) --------------------------------------------------------------------------
+
+
+def cmd_traces(args: argparse.Namespace) -> int:
+    from rlarith import traces
+
+    try:
+        tr = traces.open(args.run)
+        if args.traces_command == "summary":
+            print(traces.format_summary(tr.summary(), rows=args.rows))
+            return 0
+        if args.traces_command == "export":
+            out = Path(args.out) if args.out else tr.directory.with_suffix(f".{args.format}")
+            traces.export(tr, out, args.format, all_attempts=args.all_attempts)
+        else:
+            out = traces.plot(tr, Path(args.out) if args.out else tr.directory.with_suffix(".png"))
+    except traces.TraceError as err:
+        print(f"rlarith: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+def _add_traces_parsers(sub: argparse._SubParsersAction) -> None:
+    tsub = sub.add_parser("traces", help="per-step traces (docs/traces.md)").add_subparsers(
+        dest="traces_command", required=True
+    )
+    run_help = "a run directory or a trace directory"
+
+    p = tsub.add_parser("summary", help="steps, samples, bytes, compression, reward and accuracy by step")
+    p.add_argument("run", metavar="RUN", help=run_help)
+    p.add_argument("--rows", type=int, default=40, help="steps shown in the per-step table (0: all)")
+
+    p = tsub.add_parser("export", help="the default view (each step once) as Parquet or JSONL")
+    p.add_argument("run", metavar="RUN", help=run_help)
+    p.add_argument("--format", choices=("parquet", "jsonl"), default="parquet")
+    p.add_argument("--out", default=None, help="output file (default: traces.<format> beside the trace dir)")
+    p.add_argument("--all-attempts", action="store_true", help="every attempt's copy of re-run steps")
+
+    p = tsub.add_parser("plot", help="PNG: rewards, accuracy, extraction failures, completion length")
+    p.add_argument("run", metavar="RUN", help=run_help)
+    p.add_argument("--out", default=None, help="PNG path (default: traces.png beside the trace dir)")
+    for p in tsub.choices.values():
+        p.set_defaults(func=cmd_traces)
+
+
+# ---- end traces ---------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,12 +191,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="where to write val/test JSONL (default: <run dir>/data)")
     p.set_defaults(func=cmd_data_check)
 
+    p = sub.add_parser("train", help="GRPO training; resumes from the run's latest valid checkpoint")
+    _config_args(p)
+    p.add_argument("--force", action="store_true", help="resume a run directory made by a different config")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("demo", help="the CPU positive control: bootstrap, measure, GRPO, measure again")
+    _config_args(p)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("bootstrap", help="warm-start the tiny model with SFT so GRPO has signal")
+    _config_args(p)
+    p.add_argument("--steps", type=int, default=None, help="SFT steps (default: the bootstrap's own)")
+    p.add_argument("--out", default=None, help="where to save the model (default: model.path)")
+    p.set_defaults(func=cmd_bootstrap)
+
     p = sub.add_parser("init-model", help="build a tiny local Llama + tokenizer (no download)")
     p.add_argument("--out", required=True)
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_init_model)
+    _add_eval_parsers(sub)  # eval / compare
+    _add_traces_parsers(sub)  # traces summary / export / plot
     return parser
 
 

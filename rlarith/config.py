@@ -189,6 +189,8 @@ class TrainingConfig:
     """Optimisation passes per generation batch (GRPO's mu)."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm."""
+    gradient_checkpointing: bool = False
+    """Trade compute for memory (useful for large models on GPU; pointless for the tiny CPU model)."""
     deepspeed: str = "none"
     """``none``, ``zero2``, ``zero3`` (configs/deepspeed/*.json) or a path to a DeepSpeed JSON file."""
     logging_steps: int = 1

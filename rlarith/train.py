@@ -1,0 +1,563 @@
+"""GRPO on the arithmetic positive control, on TRL's GRPOTrainer (optionally with DeepSpeed).
+
+The algorithm (GRPO, Shao et al. 2024, "DeepSeekMath"): for every problem sample a group of G completions,
+score each with the reward components (rlarith.rewards), take the advantage of a completion as its reward
+minus the group mean (divided by the group std), and push up the log-probability of above-average
+completions with a clipped policy-gradient loss.
+
+How this run departs from the paper (all TRL settings, set from the config):
+- no KL penalty and no reference model by default (``training.beta = 0``), as in DAPO / Dr. GRPO;
+- token-level loss normalisation (``loss_type = "dapo"``);
+- a constant learning rate (after optional warmup): the notebook removed the decay;
+- no chain of thought: completions are a handful of tokens and the prompt asks for the number alone.
+
+What this file adds around TRL:
+- problems come from ``rlarith.data`` in a fixed, seeded order (TRL's shuffle is off), so the data
+  position at step S is a pure function of S and resume needs no data state;
+- the notebook's checkpoint policy (``rlarith.checkpoints``): saves on a schedule, on a reward threshold and
+  on a new best, only at generation boundaries, written to a staging folder and sealed complete, then
+  pruned to first / second-to-last / latest (+ best);
+- every start is a resume from the latest valid checkpoint of the run directory;
+- SIGTERM / SIGUSR2 only raise a flag (``rlarith.preemption``); at the next step boundary all ranks agree,
+  save, seal their traces and exit with ``EXIT_STOPPED`` (75) so a wrapper requeues the job;
+- per-sample traces of every step (``rlarith.traces``) and per-step metrics with ISO timestamps in
+  ``metrics.jsonl`` and TensorBoard.
+
+Launch:
+    rlarith train -c configs/default.yaml [key=value ...]                   # one process, CPU or one GPU
+    torchrun --nproc_per_node 2 -m rlarith.train -c configs/default.yaml training.deepspeed=zero2
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from rlarith.checkpoints import (
+    SavePolicy,
+    checkpoint_path,
+    clean_staging,
+    latest_valid,
+    load_policy_state,
+    prune,
+    seal,
+    staging_dir,
+)
+from rlarith.config import ConfigError, RunConfig, flat, load_config, save_config
+from rlarith.data import TrainProblems, make_task
+from rlarith.preemption import EXIT_STOPPED, StopRequest, agree
+from rlarith.prompts import messages
+from rlarith.rewards import REWARD_FUNCTIONS
+
+log = logging.getLogger("rlarith")
+
+# Keys that may change between the attempts of one run: they do not change what is trained.
+RESUMABLE_KEYS = (
+    "training.max_steps",
+    "training.logging_steps",
+    "training.report_to",
+    "eval.",
+    "slurm.",
+    "traces.",
+)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Who is running: rank, attempt, run id
+
+
+def iso_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One start of a run: a SLURM job restart or a local process."""
+
+    id: str
+    seq: int
+    """Orders attempts chronologically (the reader keeps each step from the latest attempt)."""
+
+    @classmethod
+    def current(cls) -> Attempt:
+        job, restarts = os.environ.get("SLURM_JOB_ID"), os.environ.get("SLURM_RESTART_COUNT", "0")
+        if job:
+            return cls(id=f"{job}.{restarts}", seq=time.time_ns())
+        return cls(id=f"local-{socket.gethostname()}-{os.getpid()}", seq=time.time_ns())
+
+
+def run_id(cfg: RunConfig) -> str:
+    """Name plus a hash of everything that defines the run (not the resumable keys)."""
+    fixed = {k: v for k, v in flat(cfg).items() if not k.startswith(RESUMABLE_KEYS)}
+    digest = hashlib.sha1(json.dumps(fixed, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    return f"{cfg.name}-{digest}"
+
+
+def global_rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checks that run before any compute is spent
+
+
+def check_run_dir(cfg: RunConfig, force: bool) -> None:
+    """The run dir must be writable, and a run dir made by another config is refused unless forced."""
+    run_dir = cfg.run_dir
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(
+            f"runs_dir/name: cannot write to the run directory {str(run_dir)!r} ({err.strerror}); "
+            "choose a writable runs_dir."
+        ) from None
+    saved = run_dir / "config.yaml"
+    if not saved.is_file() or force:
+        return
+    old, new = flat(load_config(saved)), flat(cfg)
+    changed = sorted(
+        k for k in set(old) | set(new) if old.get(k) != new.get(k) and not k.startswith(RESUMABLE_KEYS)
+    )
+    if changed:
+        diff = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:6])
+        raise ConfigError(
+            f"the run directory {str(run_dir)!r} was made by a different config ({diff}). Resuming it "
+            "would mix two experiments: pick another name=..., or pass --force to resume anyway."
+        )
+
+
+def check_model_path(cfg: RunConfig) -> None:
+    path = Path(cfg.model.path)
+    if not (path / "config.json").is_file():
+        hint = (
+            "run `rlarith bootstrap` first to build it"
+            if cfg.model.path == "runs/bootstrap/model"
+            else "point it at a directory saved with save_pretrained (config.json, weights, tokenizer)"
+        )
+        raise ConfigError(f"model.path: {str(path)!r} is not a model directory (no config.json); {hint}.")
+    if not os.access(path / "config.json", os.R_OK):
+        raise ConfigError(f"model.path: {str(path / 'config.json')!r} is not readable; fix its permissions.")
+
+
+def check_batch(cfg: RunConfig, world_size: int) -> int:
+    """Completions per rank per step; the group layout must divide evenly across ranks."""
+    completions = cfg.training.prompts_per_step * cfg.training.num_generations
+    if completions % world_size:
+        raise ConfigError(
+            f"training.prompts_per_step x training.num_generations = {completions} completions per step "
+            f"must divide evenly across {world_size} ranks; change prompts_per_step."
+        )
+    return completions // world_size
+
+
+def deepspeed_config(cfg: RunConfig) -> str | None:
+    name = cfg.training.deepspeed
+    if name == "none":
+        return None
+    path = (
+        Path(__file__).resolve().parent.parent / "configs" / "deepspeed" / f"{name}.json"
+        if name in ("zero2", "zero3")
+        else Path(name)
+    )
+    if not path.is_file():
+        raise ConfigError(
+            f"training.deepspeed: {str(path)!r} not found; use none, zero2, zero3 or a JSON path."
+        )
+    return str(path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The trainer
+
+
+def reward_functions(cfg: RunConfig) -> tuple[list[Any], list[float]]:
+    """Every component, named as in the config (TRL logs ``rewards/<name>/mean``), and its weight."""
+    funcs, weights = [], []
+    for name, fn in REWARD_FUNCTIONS.items():
+
+        def component(completions: list[Any], answer: list[int], _fn: Any = fn, **kwargs: Any) -> list[float]:
+            return _fn(completions, answer, mode=cfg.rewards.extraction)
+
+        component.__name__ = name
+        funcs.append(component)
+        weights.append(float(cfg.rewards.weights.get(name, 0.0)))
+    return funcs, weights
+
+
+def build_dataset(cfg: RunConfig, stream: TrainProblems) -> Any:
+    """One row per prompt of the whole run, in the stream's order: row i is the run's i-th problem."""
+    from datasets import Dataset
+
+    task = stream.task
+    rows = {"prompt": [], "answer": [], "key": []}
+    for i in range(cfg.training.max_steps * cfg.training.prompts_per_step):
+        problem = stream.problem(i)
+        rows["prompt"].append(messages(problem, cfg.prompt, task.integer_answers))
+        rows["answer"].append(problem.answer)
+        rows["key"].append(problem.key)
+    return Dataset.from_dict(rows)
+
+
+def make_trainer_class() -> type:
+    """Subclass GRPOTrainer (imported late: the launcher must not import torch)."""
+    from trl import GRPOTrainer
+
+    class RlarithTrainer(GRPOTrainer):
+        """GRPOTrainer that saves through the staging folder and records traces."""
+
+        run: RunContext
+
+        def _get_output_dir(self, trial: Any) -> str:
+            return str(staging_dir(self.run.cfg.run_dir))  # HF writes here; seal() moves it when complete
+
+        def _save_checkpoint(self, model: Any, trial: Any) -> None:
+            run, step = self.run, self.state.global_step
+            started = time.time()
+            super()._save_checkpoint(
+                model, trial
+            )  # every rank: weights, optimizer, scheduler, RNG, DeepSpeed shards
+            run.policy.record_save(step, run.pending_reward, run.pending_reasons)
+            self.accelerator.wait_for_everyone()
+            if self.accelerator.is_main_process:
+                final = checkpoint_path(run.cfg.run_dir, step)
+                seal(
+                    staging_dir(run.cfg.run_dir) / f"checkpoint-{step}",
+                    final,
+                    {
+                        **run.policy.state_dict(),
+                        "attempt": run.attempt.id,
+                        "run_id": run.run_id,
+                        "step": step,
+                    },
+                )
+                log.info("%s", run.policy.report(step, run.pending_reasons))
+                log.info("saved %s in %.1f s", final, time.time() - started)
+                report = prune(run.cfg.run_dir, run.policy.best_step, run.cfg.checkpoints.keep_best)
+                if report.removed:
+                    log.info("%s", report)
+            self.accelerator.wait_for_everyone()
+
+        def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
+            output = super()._generate_and_score_completions(inputs)
+            if self.run.traces is not None:
+                self.run.record(self, inputs, output)
+            return output
+
+    return RlarithTrainer
+
+
+class RunContext:
+    """What the callbacks and the trainer subclass share for one attempt."""
+
+    def __init__(self, cfg: RunConfig, attempt: Attempt, stop: StopRequest) -> None:
+        self.cfg, self.attempt, self.stop = cfg, attempt, stop
+        self.run_id = run_id(cfg)
+        c = cfg.checkpoints
+        self.policy = SavePolicy(
+            c.save_every, c.reward_threshold, c.save_on_best, c.keep_best, c.reward_metric
+        )
+        self.pending_reward, self.pending_reasons = 0.0, []  # set by the step callback before a save
+        self.stopped = False
+        self.traces: Any = None  # rlarith.traces.TraceWriter when enabled
+        self.reward_names = list(REWARD_FUNCTIONS)
+        self.weights = [float(cfg.rewards.weights.get(n, 0.0)) for n in self.reward_names]
+
+    def record(self, trainer: Any, inputs: list[dict[str, Any]], output: dict[str, Any]) -> None:
+        """One trace row per local completion: exact model input and output, rewards, advantage."""
+        from rlarith.answers import extract_answer
+
+        tok = trainer.processing_class
+        prompt_ids, prompt_mask = (
+            output["prompt_ids"].cpu(),
+            output["prompt_mask"].cpu(),
+        )  # (n, P) left-padded
+        completion_ids, completion_mask = (
+            output["completion_ids"].cpu(),
+            output["completion_mask"].cpu(),
+        )  # (n, C)
+        prompts = [
+            tok.decode(ids[m.bool()].tolist(), skip_special_tokens=False)
+            for ids, m in zip(prompt_ids, prompt_mask)
+        ]
+        ids_list = [ids[m.bool()].tolist() for ids, m in zip(completion_ids, completion_mask)]
+        completions = tok.batch_decode(ids_list, skip_special_tokens=True)
+        truths = [int(x["answer"]) for x in inputs]
+        samples: dict[str, list[Any]] = {
+            "prompt": prompts,
+            "completion": completions,
+            "completion_ids": ids_list,
+            "key": [x["key"] for x in inputs],
+            "truth": truths,
+            "parsed": [extract_answer(c, self.cfg.rewards.extraction) for c in completions],
+        }
+        total = [0.0] * len(completions)
+        for name, weight in zip(self.reward_names, self.weights):
+            values = REWARD_FUNCTIONS[name](completions, truths, mode=self.cfg.rewards.extraction)
+            samples[f"reward/{name}"] = values
+            total = [t + weight * v for t, v in zip(total, values)]
+        samples["reward_total"] = total
+        samples["advantage"] = output["advantages"].cpu().tolist()
+        self.traces.write_step(trainer.state.global_step + 1, samples)
+
+
+def make_callbacks(run: RunContext, trainer: Any) -> list[Any]:
+    from transformers import TrainerCallback
+
+    boundary = run.cfg.training.steps_per_generation * run.cfg.training.num_iterations
+    metrics_path = run.cfg.run_dir / "metrics.jsonl"
+
+    class StepBoundary(TrainerCallback):
+        """At each step end: agree on a stop request, apply the save policy."""
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+            step = state.global_step
+            if step % boundary:
+                return control  # mid generation batch: saving here would not resume exactly
+            metrics = trainer._metrics["train"]
+            exact = float(metrics["rewards/exact/mean"][-1]) if metrics.get("rewards/exact/mean") else 0.0
+            total = float(metrics["reward"][-1]) if metrics.get("reward") else 0.0
+            reasons = run.policy.observe(step, exact, total)
+            if step >= state.max_steps:
+                reasons.append(f"step {step} is the final step")
+            if agree(run.stop.requested, trainer.accelerator.device):
+                name = run.stop.received.name if run.stop.received else "a stop signal on another rank"
+                reasons.append(f"stop requested ({name})")
+                control.should_training_stop, run.stopped = True, True
+            if reasons:
+                run.pending_reward = run.policy.current(exact, total)
+                run.pending_reasons = reasons
+                control.should_save = True
+            return control
+
+    class Metrics(TrainerCallback):
+        """Every logged step: a JSONL line and a screen line with ISO time and global step."""
+
+        def on_log(
+            self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any
+        ) -> Any:
+            if not logs or not state.is_world_process_zero:
+                return control
+            record = {"time": iso_now(), "step": state.global_step, **logs}
+            with metrics_path.open("a") as fh:
+                fh.write(json.dumps(record) + "\n")
+            shown = {
+                k: v
+                for k, v in logs.items()
+                if k in ("loss", "reward", "rewards/exact/mean", "learning_rate")
+            }
+            if shown:
+                log.info(
+                    "%s",
+                    " ".join(
+                        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()
+                    ),
+                )
+            if run.traces is not None:
+                run.traces.write_metrics(
+                    state.global_step, {k: float(v) for k, v in logs.items() if isinstance(v, (int, float))}
+                )
+            return control
+
+    return [StepBoundary(), Metrics()]
+
+
+class _StepFilter(logging.Filter):
+    def __init__(self) -> None:
+        super().__init__()
+        self.trainer: Any = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.step = self.trainer.state.global_step if self.trainer is not None else 0
+        record.rank = global_rank()
+        return True
+
+
+def setup_logging() -> _StepFilter:
+    """Every line: ISO timestamp, global step, rank."""
+    step_filter = _StepFilter()
+    handler = logging.StreamHandler(sys.stdout)
+    formatter = logging.Formatter(
+        "%(asctime)s step %(step)d rank %(rank)d | %(message)s", "%Y-%m-%dT%H:%M:%S"
+    )
+    formatter.converter = time.gmtime
+    formatter.default_msec_format = "%s.%03dZ"
+    handler.setFormatter(formatter)
+    handler.addFilter(step_filter)
+    log.handlers[:] = [handler]
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    return step_filter
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def train(cfg: RunConfig, force: bool = False) -> int:
+    """Run (or resume) training; returns the process exit status."""
+    step_filter = setup_logging()
+    stop = StopRequest().install()  # first: a signal during start-up still stops at the first boundary
+    rank = global_rank()
+
+    # Cheap checks first: no model is loaded before the config, paths and data are known to be good.
+    check_model_path(cfg)
+    check_run_dir(cfg, force)
+    ds_config = deepspeed_config(cfg)
+    task = make_task(cfg.task)
+    stream = TrainProblems(task, cfg.data, cfg.training.seed)
+    stream.check_capacity(cfg.training.max_steps * cfg.training.prompts_per_step)
+    if ds_config and "RANK" not in os.environ:
+        # DeepSpeed wants a process group even for one process (else it looks for mpi4py).
+        os.environ.update(
+            RANK="0",
+            LOCAL_RANK="0",
+            WORLD_SIZE="1",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())),
+        )
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    per_device = check_batch(cfg, world_size)
+    if rank == 0:
+        save_config(cfg, cfg.run_dir / "config.yaml")
+        for path in clean_staging(cfg.run_dir):
+            log.info("removed the leftover of an interrupted save: %s", path)
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
+    from transformers.utils import logging as hf_logging
+    from trl import GRPOConfig
+
+    hf_logging.set_verbosity_warning()
+    hf_logging.disable_progress_bar()  # one line per step is ours; tqdm bars would interleave with it
+    seed_everything(cfg.training.seed)
+    attempt = Attempt.current()
+    run = RunContext(cfg, attempt, stop)
+
+    on_gpu = torch.cuda.is_available()
+    dtype = getattr(torch, cfg.model.dtype)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=dtype)
+
+    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(cfg.run_dir / "tensorboard"))
+    t = cfg.training
+    args = GRPOConfig(
+        output_dir=str(staging_dir(cfg.run_dir)),
+        seed=t.seed,
+        data_seed=t.seed,
+        max_steps=t.max_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type="constant_with_warmup",
+        warmup_steps=t.warmup_steps,
+        per_device_train_batch_size=per_device,
+        gradient_accumulation_steps=1,
+        num_generations=t.num_generations,
+        max_completion_length=t.max_completion_length,
+        temperature=t.temperature,
+        beta=t.beta,
+        loss_type=t.loss_type,
+        steps_per_generation=t.steps_per_generation,
+        num_iterations=t.num_iterations,
+        max_grad_norm=t.max_grad_norm,
+        reward_weights=run.weights,
+        shuffle_dataset=False,  # the order is ours: rlarith.data, a pure function of (seed, index)
+        save_strategy="no",  # saves are decided by the StepBoundary callback
+        logging_steps=t.logging_steps,
+        report_to=list(t.report_to),
+        deepspeed=ds_config,
+        bf16=on_gpu and cfg.model.dtype == "bfloat16",
+        fp16=on_gpu and cfg.model.dtype == "float16",
+        use_cpu=not on_gpu,
+        gradient_checkpointing=t.gradient_checkpointing,
+        disable_tqdm=True,
+        log_completions=False,  # traces record every completion of every step instead
+        dataloader_num_workers=0,
+    )
+    funcs, _ = reward_functions(cfg)
+    trainer = make_trainer_class()(
+        model=model,
+        reward_funcs=funcs,
+        args=args,
+        train_dataset=build_dataset(cfg, stream),
+        processing_class=tokenizer,
+    )
+    trainer.run = run
+    trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; Metrics prints timestamped lines
+    for callback in make_callbacks(run, trainer):
+        trainer.add_callback(callback)
+    step_filter.trainer = trainer
+    trainer.accelerator.wait_for_everyone()  # rank 0's clean_staging is done: every rank sees the same checkpoints
+    resume = latest_valid(cfg.run_dir)
+    if resume is not None:
+        run.policy.load_state_dict(load_policy_state(resume))
+    if cfg.traces.enabled:
+        from rlarith.traces import TraceWriter
+
+        run.traces = TraceWriter(
+            cfg.trace_dir,
+            run_id=run.run_id,
+            rank=rank,
+            attempt=attempt.id,
+            attempt_seq=attempt.seq,
+            cfg=cfg.traces,
+        )
+
+    log.info(
+        "run %s, attempt %s, %d rank(s), %s",
+        run.run_id,
+        attempt.id,
+        world_size,
+        f"resuming from {resume}" if resume else "starting from the model",
+    )
+    try:
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    finally:
+        if run.traces is not None:
+            run.traces.close()
+        stop.uninstall()
+    if run.stopped:
+        log.info(
+            "stopped at step %d after a full save; exit %d asks for a requeue",
+            trainer.state.global_step,
+            EXIT_STOPPED,
+        )
+        return EXIT_STOPPED
+    log.info("finished at step %d", trainer.state.global_step)
+    return 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m rlarith.train`` (for torchrun): the same arguments as ``rlarith train``."""
+    from rlarith.cli import main as cli_main
+
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

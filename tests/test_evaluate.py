@@ -1,0 +1,299 @@
+"""Held-out evaluation: scoring by hand, real generation with tiny local models, contamination refusal, the
+eval/compare CLI on real run directories (config.yaml from save_config, checkpoints from save_pretrained)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlarith.answers import extract_answer
+from rlarith.cli import main
+from rlarith.config import ConfigError, RunConfig, load_config, save_config
+from rlarith.data import TrainProblems, heldout, make_task, write_problems
+from rlarith.evaluate import (
+    ERROR_KINDS,
+    EvalResult,
+    check_contamination,
+    evaluate_model,
+    score_completions,
+    trained_keys,
+    wilson_interval,
+)
+from rlarith.tasks import Problem
+from rlarith.tinymodel import build_model, build_tokenizer, init_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def sharp_model(out: Path, seed: int = 1, scale: float = 10.0) -> Path:
+    """A tiny Llama whose greedy replies depend on the prompt. At the default init the residual stream is
+    the last input embedding and every reply is a row of newlines; scaled layers make the prompt matter,
+    so a padding bug (or batch-dependent output) shows up as a different completion."""
+    tok = build_tokenizer()
+    model = build_model(len(tok), seed=seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "layers" in name and param.dim() == 2:
+                param.mul_(scale)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def make_run(
+    root: Path, name: str, base: Path, steps: tuple[int, ...] = (), incomplete: tuple[int, ...] = ()
+) -> RunConfig:
+    """A run directory as training leaves it: config.yaml and checkpoint folders (COMPLETE on the valid ones)."""
+    cfg = load_config(
+        overrides=[
+            f"name={name}",
+            f"runs_dir={root}",
+            "task.op=+",
+            "task.digits_a=2",
+            "task.digits_b=2",
+            "data.strategy=fixed",
+            "data.train_size=200",
+            "data.val_size=40",
+            "data.val_fraction=0.1",
+            "training.max_steps=5",
+            f"model.path={base}",
+            "eval.n=6",
+            "eval.batch_size=6",
+            "eval.max_new_tokens=6",
+            "traces.enabled=false",
+        ]
+    )
+    save_config(cfg, cfg.run_dir / "config.yaml")
+    for i, step in enumerate(steps + incomplete):
+        ckpt = init_model(cfg.run_dir / "checkpoints" / f"checkpoint-{step}", seed=10 + i)
+        if step in steps:
+            (ckpt / "COMPLETE").write_text("")
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def base_model(tmp_path_factory) -> Path:
+    return sharp_model(tmp_path_factory.mktemp("base") / "model")
+
+
+@pytest.fixture(scope="module")
+def evaluated_run(tmp_path_factory, base_model) -> tuple[RunConfig, str]:
+    """A run with checkpoints 2 and 4 (and an unfinished 6), scored with --all-checkpoints."""
+    cfg = make_run(tmp_path_factory.mktemp("runs"), "alpha", base_model, steps=(2, 4), incomplete=(6,))
+    code = main(["eval", str(cfg.run_dir), "--all-checkpoints", "--n", "5"])
+    assert code == 0
+    return cfg, (cfg.run_dir / "eval" / "val-over-steps.md").read_text()
+
+
+# ---- scoring, no model -----------------------------------------------------------------------------------
+
+
+def test_scoring_counts_on_hand_written_completions():
+    completions = ["5535", " = 5,535. ", "The answer is 5535", "-5535", "553", "5935", "6534", ""]
+    truths = [5535] * len(completions)
+    weights = {"exact": 1.0, "partial": 0.5, "format": 0.25}
+    s = score_completions(completions, truths, weights, extraction="strict", samples=2)
+    assert s["errors"] == {
+        "correct": 2,
+        "extraction_failure": 2,
+        "wrong_sign": 1,
+        "wrong_digit_count": 1,
+        "wrong_digits": 2,
+        "digit_position_0": 1,  # 6534: units and thousands wrong
+        "digit_position_1": 0,
+        "digit_position_2": 1,  # 5935: hundreds wrong
+        "digit_position_3": 1,
+    }
+    assert s["accuracy"] == 2 / 8 and s["accuracy_last"] == 3 / 8
+    assert s["extraction_failure_rate"] == 2 / 8 and s["extraction_failure_rate_last"] == 1 / 8
+    # partial: 1, 1, 0 (not strict), 0.8 (sign), 0.4 (553), 0.8 (5935), 0.6 (6534), 0
+    assert s["partial_mean"] == pytest.approx(4.6 / 8)
+    # exact 2/8 + 0.5 * partial 0.575 + 0.25 * format 6/8
+    assert s["mean_reward"] == pytest.approx(0.25 + 0.2875 + 0.1875)
+    # The reward follows rewards.extraction: with "last" the wordy reply counts for exact and partial.
+    s_last = score_completions(completions, truths, weights, extraction="last", samples=2)
+    assert s_last["mean_reward"] == pytest.approx(3 / 8 + 0.5 * 5.6 / 8 + 0.1875)
+    assert s_last["accuracy"] == s["accuracy"]  # reported accuracy is always strict
+    # Two samples per problem: the interval counts 4 problems, not 8 completions.
+    assert s["ci95"] == wilson_interval(1, 4)
+    assert s["parsed_strict"] == [extract_answer(c) for c in completions]
+
+
+def test_wilson_interval_sanity():
+    z2 = 1.959963984540054**2
+    assert wilson_interval(0, 10) == (0.0, pytest.approx(z2 / (10 + z2)))  # closed form at k = 0
+    assert wilson_interval(10, 10) == (pytest.approx(10 / (10 + z2)), 1.0)
+    for k, n in [(1, 7), (30, 100), (499, 1000)]:
+        lo, hi = wilson_interval(k, n)
+        assert 0 <= lo < k / n < hi <= 1
+        lo2, hi2 = wilson_interval(n - k, n)
+        assert (lo2, hi2) == (pytest.approx(1 - hi), pytest.approx(1 - lo))  # symmetric
+        lo4, hi4 = wilson_interval(4 * k, 4 * n)
+        assert hi4 - lo4 < hi - lo  # more data, narrower
+    assert [round(x, 4) for x in wilson_interval(50, 100)] == [0.4038, 0.5962]
+
+
+def test_eval_result_round_trips_through_json():
+    r = EvalResult(3, 1, 0.0, "val", 2, "m", 0.5, (0.1, 0.9), 0.6, 0.1, 0.0, 0.7, 0.5, {"correct": 1})
+    again = EvalResult.from_dict(json.loads(json.dumps(r.to_dict())))
+    assert again == r and "records" not in r.to_dict(records=False)
+
+
+# ---- generation with real tiny models --------------------------------------------------------------------
+
+
+PROBLEMS = [
+    Problem("7 + 8", 15, "+:7:8"),
+    Problem("12 + 34", 46, "+:12:34"),
+    Problem("123456 + 7", 123463, "+:7:123456"),
+    Problem("1 + 1", 2, "+:1:1"),
+    Problem("99 + 99", 198, "+:99:99"),
+]
+
+
+def test_greedy_eval_is_deterministic_and_batching_free(base_model):
+    cfg = load_config()
+    a = evaluate_model(base_model, PROBLEMS, cfg, batch_size=5, max_new_tokens=8, progress=False)
+    b = evaluate_model(base_model, PROBLEMS, cfg, batch_size=5, max_new_tokens=8, progress=False)
+    assert a == b
+    texts = [r["completion"] for r in a.records]
+    assert len(set(texts)) > 1  # the replies depend on the prompt, so the next check has teeth
+    # Left padding: each prompt batched with longer and shorter ones gives what it gives alone.
+    alone = evaluate_model(base_model, PROBLEMS, cfg, batch_size=1, max_new_tokens=8, progress=False)
+    assert texts == [r["completion"] for r in alone.records]
+    assert a.n == 5 and a.samples == 1 and len(a.records) == 5
+    assert [r["parsed_strict"] for r in a.records] == [extract_answer(t) for t in texts]
+    assert [r["parsed_last"] for r in a.records] == [extract_answer(t, "last") for t in texts]
+    assert sum(a.errors[k] for k in ERROR_KINDS) == 5  # every completion has exactly one kind
+
+
+def test_sampling_is_seeded_and_greedy_refuses_samples(base_model):
+    cfg = load_config()
+    kw = dict(samples=3, temperature=1.0, batch_size=2, max_new_tokens=6, progress=False)
+    a = evaluate_model(base_model, PROBLEMS[:3], cfg, seed=0, **kw)
+    assert a == evaluate_model(base_model, PROBLEMS[:3], cfg, seed=0, **kw)
+    assert a.records != evaluate_model(base_model, PROBLEMS[:3], cfg, seed=1, **kw).records
+    assert len(a.records) == 9 and [r["question"] for r in a.records[:3]] == ["7 + 8"] * 3
+    with pytest.raises(ConfigError, match="greedy"):
+        evaluate_model(base_model, PROBLEMS[:3], cfg, samples=2, temperature=0.0, progress=False)
+
+
+# ---- contamination and the CLI ---------------------------------------------------------------------------
+
+
+def test_trained_keys_cover_the_configured_stream(tmp_path, base_model):
+    cfg = make_run(tmp_path, "keys", base_model)
+    keys = trained_keys(cfg.run_dir, cfg)
+    stream = TrainProblems(make_task(cfg.task), cfg.data, cfg.training.seed)
+    assert len(keys) == 200  # fixed strategy: all train_size problems, whatever the step count
+    assert {stream.problem(i).key for i in range(100)} <= keys
+    val = heldout(make_task(cfg.task), cfg.data, "val", 10)
+    assert check_contamination(val, keys) == []
+    assert check_contamination(val + [stream.problem(3)], keys) == [stream.problem(3)]
+
+
+def test_problems_in_the_traces_count_as_trained(tmp_path, base_model, capsys):
+    """A problem the traces show was trained on (say the config changed mid-run) is refused too."""
+    from rlarith.config import TraceConfig
+    from rlarith.traces import TraceWriter
+
+    cfg = make_run(tmp_path, "traced", base_model, steps=(1,))
+    val = heldout(make_task(cfg.task), cfg.data, "val", 6)
+    assert check_contamination(val, trained_keys(cfg.run_dir, cfg)) == []  # clean by the config alone
+    writer = TraceWriter(
+        cfg.run_dir / "traces", run_id="r", rank=0, attempt="a", attempt_seq=0, cfg=TraceConfig()
+    )
+    with writer:
+        writer.write_step(1, {"key": [val[2].key], "prompt": ["p"], "completion": ["c"]})
+    assert check_contamination(val, trained_keys(cfg.run_dir, cfg)) == [val[2]]
+    assert main(["eval", str(cfg.run_dir), "--n", "6"]) == 2
+    assert repr(val[2].question) in capsys.readouterr().err
+
+
+def test_eval_refuses_contaminated_heldout_unless_forced(tmp_path, base_model, capsys):
+    cfg = make_run(tmp_path, "dirty", base_model, steps=(2,))
+    leak = TrainProblems(make_task(cfg.task), cfg.data, cfg.training.seed).problem(0)
+    clean = heldout(make_task(cfg.task), cfg.data, "val", 5)
+    write_problems(clean[:3] + [leak] + clean[3:], cfg.run_dir / "data" / "val.jsonl")
+
+    assert main(["eval", str(cfg.run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "1 of 6 held-out problems" in err and repr(leak.question) in err and "--force" in err
+    assert not (cfg.run_dir / "eval").exists()  # refused before any scoring
+
+    assert main(["eval", str(cfg.run_dir), "--force"]) == 0
+    saved = json.loads((cfg.run_dir / "eval" / "val-step2.json").read_text())
+    assert saved["contaminated"] == 1 and saved["n"] == 6 and saved["step"] == 2
+    assert leak.question in [r["question"] for r in saved["records"]]
+    assert (cfg.run_dir / "eval" / "val-step2.md").read_text().startswith("| step |")
+    assert "contaminated: 1" in capsys.readouterr().out
+
+
+def test_eval_target_mistakes_exit_2(tmp_path, base_model, capsys):
+    cfg = make_run(tmp_path, "empty", base_model, incomplete=(3,))
+    assert main(["eval", str(cfg.run_dir)]) == 2  # no valid checkpoint
+    assert main(["eval", str(cfg.run_dir / "checkpoints" / "checkpoint-3")]) == 2  # no COMPLETE
+    assert main(["eval", str(base_model)]) == 2  # bare model without --config
+    assert main(["eval", str(cfg.run_dir), "--samples", "4"]) == 2  # greedy with samples
+    err = capsys.readouterr().err
+    assert "no valid checkpoint" in err and "COMPLETE" in err and "--config" in err and "greedy" in err
+    # A bare model with the run's config scores against that run's held-out set.
+    assert main(["eval", str(base_model), "--config", str(cfg.run_dir / "config.yaml"), "--n", "3"]) == 0
+    assert json.loads((cfg.run_dir / "eval" / "val-model.json").read_text())["step"] is None
+
+
+def test_all_checkpoints_scores_base_and_every_valid_checkpoint(evaluated_run, base_model):
+    cfg, table = evaluated_run
+    eval_dir = cfg.run_dir / "eval"
+    over = json.loads((eval_dir / "val-over-steps.json").read_text())
+    assert [r["step"] for r in over] == [0, 2, 4]  # checkpoint-6 has no COMPLETE
+    assert over[0]["model"] == str(base_model) and all(r["n"] == 5 for r in over)
+    assert all("records" not in r for r in over)
+    for step in (0, 2, 4):
+        assert len(json.loads((eval_dir / f"val-step{step}.json").read_text())["records"]) == 5
+    assert (eval_dir / "accuracy_over_steps.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert table.count("\n| 4 |") == 2  # one score row and one error row per step
+    assert not list(eval_dir.glob(".*.tmp"))
+
+
+def test_compare_table_and_plot(tmp_path, evaluated_run, base_model):
+    cfg, _ = evaluated_run
+    rows = [
+        {"time": "2025-01-01T00:00:00", "step": s, "reward": s / 10, "rewards/exact/mean": s / 10}
+        for s in (1, 2, 3)
+    ]
+    (cfg.run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    other = make_run(tmp_path, "beta", base_model)
+    (other.run_dir / "metrics.jsonl").write_text(
+        json.dumps(rows[0] | {"reward": 0.7}) + "\n" + '{"step": 2, "rew'
+    )
+    out = tmp_path / "cmp" / "compare.png"
+    assert main(["compare", str(cfg.run_dir), str(other.run_dir), "--out", str(out)]) == 0
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    table = out.with_suffix(".md").read_text()
+    alpha = next(line for line in table.splitlines() if line.startswith("| alpha |"))
+    beta = next(line for line in table.splitlines() if line.startswith("| beta |"))
+    assert "| 3 |" in alpha and "| 4 |" in alpha and "0.300 (3)" in alpha  # 3 points, latest step 4
+    assert "0.700 (1)" in beta  # the torn last line is skipped
+    assert main(["compare", str(tmp_path / "nothing"), "--out", str(out)]) == 2
+
+
+def test_cli_subprocess_exit_status(tmp_path, base_model):
+    cfg = make_run(tmp_path, "sub", base_model, steps=(1,))
+    leak = TrainProblems(make_task(cfg.task), cfg.data, cfg.training.seed).problem(0)
+    write_problems([leak], cfg.run_dir / "data" / "test.jsonl")
+    cmd = [sys.executable, "-m", "rlarith.cli", "eval", str(cfg.run_dir)]
+    env = {k: v for k, v in os.environ.items() if k != "SCRATCH"} | {"OMP_NUM_THREADS": "1"}
+    kw = dict(capture_output=True, text=True, cwd=ROOT, timeout=120, env=env)
+    refused = subprocess.run(cmd + ["--split", "test"], **kw)
+    assert refused.returncode == 2, refused.stderr
+    assert "Traceback" not in refused.stderr and "--force" in refused.stderr
+    ok = subprocess.run(cmd + ["--n", "2"], **kw)
+    assert ok.returncode == 0, ok.stderr
+    assert "| 1 | checkpoint-1 | val | 2 x 1 |" in ok.stdout

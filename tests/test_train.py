@@ -1,0 +1,265 @@
+"""GRPO training for real (TRL on the tiny model): bad input, the checkpoint policy, stop-and-resume exactness.
+
+Every interrupted run is compared with an uninterrupted one: the metrics of every step after the resume
+point and the final weights must be bitwise identical.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO, rlarith_env, run, start, wait_for
+from safetensors.numpy import load_file
+
+from rlarith.checkpoints import valid_checkpoints
+from rlarith.preemption import EXIT_STOPPED
+
+STEPS = 8
+# Volatile by nature: wall-clock time and throughput.
+VOLATILE = ("time", "step_time", "train_runtime", "train_samples_per_second", "train_steps_per_second")
+
+
+def small(model: Path, runs: Path, name: str, *extra: str) -> list[str]:
+    return [
+        "--config", str(REPO / "configs" / "default.yaml"),
+        f"name={name}", f"runs_dir={runs}", f"model.path={model}",
+        f"training.max_steps={STEPS}", "training.prompts_per_step=4", "training.num_generations=4",
+        "training.max_completion_length=5", "training.learning_rate=1e-3",
+        "rewards.weights.exact=1", "rewards.weights.partial=1", "rewards.weights.format=0.5",
+        "checkpoints.save_every=2", "checkpoints.reward_threshold=2.0", "checkpoints.save_on_best=false",
+        "checkpoints.keep_best=false",
+        "traces.enabled=false", "training.report_to=[]", *extra,
+    ]  # fmt: skip
+
+
+def metrics(run_dir: Path) -> dict[int, dict]:
+    """Per step, the last logged metrics (a resumed run logs a step again when it re-runs it)."""
+    out: dict[int, dict] = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "loss" in record:
+            out[record["step"]] = {k: v for k, v in record.items() if k not in VOLATILE}
+    return out
+
+
+def weights(checkpoint: Path) -> dict:
+    return load_file(checkpoint / "model.safetensors")
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert (wa[key] == wb[key]).all(), f"{key} differs"
+
+
+@pytest.fixture(scope="module")
+def reference(sft_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted run of STEPS steps."""
+    runs = tmp_path_factory.mktemp("ref")
+    assert run(["train", *small(sft_model, runs, "ref")], runs / "log") == 0, (runs / "log").read_text()[
+        -3000:
+    ]
+    return runs / "ref"
+
+
+def test_uninterrupted_run_follows_the_policy(reference: Path) -> None:
+    steps = [s for s, _ in valid_checkpoints(reference)]
+    assert steps == [2, 6, 8]  # saves at 2, 4, 6, 8; after each: first, second-to-last, latest
+    m = metrics(reference)
+    assert sorted(m) == list(range(1, STEPS + 1))
+    assert any(m[s]["reward"] > 0 for s in m), "the warmed-up model must give GRPO some reward signal"
+    assert any(m[s]["grad_norm"] > 0 for s in m)
+    for line in (reference / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        assert record["time"].endswith("Z") and "T" in record["time"] and isinstance(record["step"], int)
+    log = (reference.parent / "log").read_text()
+    assert "checkpoint-4 saved" in log and "removed" in log and "checkpoint-4" in log.split("removed", 1)[1]
+    state = json.loads((reference / "checkpoints" / "checkpoint-8" / "rlarith_state.json").read_text())
+    assert [h["step"] for h in state["history"]] == [2, 4, 6, 8]
+
+
+def test_the_final_model_loads_with_from_pretrained(reference: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    checkpoint = reference / "checkpoints" / f"checkpoint-{STEPS}"
+    AutoTokenizer.from_pretrained(checkpoint)
+    assert AutoModelForCausalLM.from_pretrained(checkpoint).num_parameters() > 0
+
+
+def test_same_seed_same_run(reference: Path, sft_model: Path, tmp_path: Path) -> None:
+    args = small(sft_model, tmp_path, "again", "training.max_steps=2", "checkpoints.save_every=2")
+    assert run(["train", *args], tmp_path / "log") == 0
+    again = metrics(tmp_path / "again")
+    assert again[1] == metrics(reference)[1] and again[2] == metrics(reference)[2]
+
+
+def stop_and_resume(reference: Path, model: Path, runs: Path, sig: signal.Signals) -> int:
+    """Signal a running train at step >= 2, check the stop path, resume, compare with the reference."""
+    run_dir, log = runs / "cut", runs / "log"
+    proc = start(["train", *small(model, runs, "cut")], log)
+    wait_for(
+        lambda: (run_dir / "metrics.jsonl").exists() and len(metrics(run_dir)) >= 2 or proc.poll() is not None
+    )
+    proc.send_signal(sig)
+    assert proc.wait(timeout=300) == EXIT_STOPPED, log.read_text()[-3000:]
+    stopped_at = max(metrics(run_dir))
+    assert stopped_at < STEPS, "the run ended before the signal landed"
+    assert valid_checkpoints(run_dir)[-1][0] == stopped_at  # a full save at the step boundary
+    assert f"received {sig.name}" in log.read_text()
+    assert run(["train", *small(model, runs, "cut")], log) == 0, log.read_text()[-3000:]
+    ref, cut = metrics(reference), metrics(run_dir)
+    for step in range(stopped_at + 1, STEPS + 1):
+        assert cut[step] == ref[step], f"step {step} differs after resume"
+    assert_same_weights(
+        run_dir / "checkpoints" / f"checkpoint-{STEPS}", reference / "checkpoints" / f"checkpoint-{STEPS}"
+    )
+    return stopped_at
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR2])
+def test_signal_stops_at_a_step_boundary_and_resumes_exactly(reference, sft_model, tmp_path, sig) -> None:
+    stop_and_resume(reference, sft_model, tmp_path, sig)
+
+
+def test_sigkill_during_a_save_resumes_from_the_previous_valid_checkpoint(
+    reference, sft_model, tmp_path
+) -> None:
+    run_dir, log = tmp_path / "killed", tmp_path / "log"
+    args = ["train", *small(sft_model, tmp_path, "killed")]
+    staging = run_dir / "checkpoints" / ".staging"
+    proc = start(args, log)
+    # Kill while the second save (step 4) is being written: checkpoint-2 is valid, 4 is in flight.
+    wait_for(lambda: any(staging.glob("checkpoint-4")) or proc.poll() is not None, interval=0.002)
+    proc.kill()
+    proc.wait()
+    valid = [s for s, _ in valid_checkpoints(run_dir)]
+    assert valid and valid[-1] in (2, 4)
+    for _, path in valid_checkpoints(run_dir):  # whatever is listed is complete and loadable
+        weights(path)
+    assert run(args, log) == 0, log.read_text()[-3000:]
+    assert not any(staging.glob("checkpoint-*")), "leftovers of the killed save are cleaned"
+    assert_same_weights(
+        run_dir / "checkpoints" / f"checkpoint-{STEPS}", reference / "checkpoints" / f"checkpoint-{STEPS}"
+    )
+
+
+def test_a_different_config_is_refused_unless_forced(reference, sft_model, tmp_path) -> None:
+    args = small(sft_model, tmp_path, "ref", "training.learning_rate=5e-4")
+    # Point at the reference run's parent so the run dir already exists with another config.
+    args = [a.replace(f"runs_dir={tmp_path}", f"runs_dir={reference.parent}") for a in args]
+    proc = subprocess.run(
+        [sys.executable, "-m", "rlarith.cli", "train", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=rlarith_env(),
+        timeout=120,
+    )
+    assert (
+        proc.returncode == 2
+        and "training.learning_rate: 0.001 -> 0.0005" in proc.stderr
+        and "--force" in proc.stderr
+    )
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model.path={tmp}/nothing"], "model.path: '{tmp}/nothing' is not a model directory"),
+        (["runs_dir={tmp}/file/runs"], "cannot write to the run directory"),
+        (["rewards.weights.exakt=1"], "rewards.weights.exakt: no such reward"),
+        (
+            ["training.steps_per_generation=2", "checkpoints.save_every=3"],
+            "checkpoints.save_every: must be a multiple",
+        ),
+        (["data.strategy=fresh", "training.prompts_per_step=1000"], "data.strategy: 'fresh' needs 8,000"),
+    ],
+)
+def test_bad_input_is_refused_before_any_compute(sft_model, tmp_path, overrides, message) -> None:
+    (tmp_path / "file").write_text("not a directory")
+    args = small(sft_model, tmp_path, "bad", *(o.format(tmp=tmp_path) for o in overrides))
+    proc = subprocess.run(
+        [sys.executable, "-m", "rlarith.cli", "train", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=rlarith_env(),
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert message.format(tmp=tmp_path) in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "bad" / "checkpoints").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Two ranks under DeepSpeed ZeRO-2 (gloo on CPU), started the way SLURM starts tasks: one process per rank.
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_ranks(args: list[str], log_dir: Path, world: int = 2) -> list[subprocess.Popen]:
+    port = str(_free_port())
+    procs = []
+    for rank in range(world):
+        env = dict(
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE=str(world),
+            LOCAL_WORLD_SIZE=str(world),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=port,
+            DS_ACCELERATOR="cpu",
+        )
+        procs.append(start(args, log_dir / f"rank{rank}.log", **env))
+    return procs
+
+
+@pytest.mark.slow
+def test_two_ranks_zero2_stop_on_one_rank_and_resume_exactly(sft_model, tmp_path) -> None:
+    common = ["training.deepspeed=zero2"]
+    ref = start_ranks(["train", *small(sft_model, tmp_path, "ref2", *common)], tmp_path)
+    assert [p.wait(timeout=900) for p in ref] == [0, 0], (tmp_path / "rank0.log").read_text()[-3000:]
+
+    run_dir = tmp_path / "cut2"
+    args = ["train", *small(sft_model, tmp_path, "cut2", *common)]
+    procs = start_ranks(args, tmp_path)
+    wait_for(
+        lambda: (
+            (run_dir / "metrics.jsonl").exists()
+            and len(metrics(run_dir)) >= 2
+            or any(p.poll() is not None for p in procs)
+        ),
+        timeout=900,
+    )
+    os.kill(procs[random.Random(0).randrange(2)].pid, signal.SIGUSR2)  # one rank only: they must agree
+    assert [p.wait(timeout=300) for p in procs] == [EXIT_STOPPED, EXIT_STOPPED], (
+        tmp_path / "rank0.log"
+    ).read_text()[-3000:]
+    stopped_at = max(metrics(run_dir))
+    assert stopped_at < STEPS and valid_checkpoints(run_dir)[-1][0] == stopped_at
+    assert any((valid_checkpoints(run_dir)[-1][1]).glob("global_step*")), (
+        "DeepSpeed shards are in the checkpoint"
+    )
+
+    resumed = start_ranks(args, tmp_path)
+    assert [p.wait(timeout=900) for p in resumed] == [0, 0], (tmp_path / "rank0.log").read_text()[-3000:]
+    ref_m, cut_m = metrics(tmp_path / "ref2"), metrics(run_dir)
+    for step in range(stopped_at + 1, STEPS + 1):
+        assert cut_m[step] == ref_m[step], f"step {step} differs after resume"
+    assert_same_weights(
+        run_dir / "checkpoints" / f"checkpoint-{STEPS}",
+        tmp_path / "ref2" / "checkpoints" / f"checkpoint-{STEPS}",
+    )
