@@ -22,10 +22,12 @@ from rlarith.tinymodel import init_model
 
 log = logging.getLogger("rlarith")
 
-STEPS = 300
-"""SFT steps of the default bootstrap: partial accuracy on 2-digit addition, far from saturated."""
+STEPS = 400
+"""SFT steps of the default bootstrap. Measured on 2-digit + 2-digit addition (batch 32, lr 1e-3): greedy
+held-out accuracy 2% at 100 steps, 14% at 300, 58% at 400, 78% at 600, ~95% from 700: 400 leaves GRPO
+both signal and room."""
 BATCH = 32
-LEARNING_RATE = 3e-3
+LEARNING_RATE = 1e-3
 
 
 @dataclass(frozen=True)
@@ -65,8 +67,8 @@ def bootstrap(
         max_steps=steps,
         per_device_train_batch_size=BATCH,
         learning_rate=LEARNING_RATE,
-        lr_scheduler_type="cosine",
-        warmup_steps=steps // 10,
+        lr_scheduler_type="constant_with_warmup",
+        warmup_steps=min(50, steps // 10),
         seed=cfg.training.seed,
         data_seed=cfg.training.seed,
         logging_steps=max(1, steps // 10),

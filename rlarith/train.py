@@ -507,6 +507,10 @@ def train(cfg: RunConfig, force: bool = False) -> int:
         trainer.add_callback(callback)
     step_filter.trainer = trainer
     trainer.accelerator.wait_for_everyone()  # rank 0's clean_staging is done: every rank sees the same checkpoints
+    if world_size > 1:  # one attempt id for all ranks: rank 0's (local pids differ per rank)
+        from accelerate.utils import broadcast_object_list
+
+        attempt = run.attempt = broadcast_object_list([attempt])[0]
     resume = latest_valid(cfg.run_dir)
     if resume is not None:
         run.policy.load_state_dict(load_policy_state(resume))

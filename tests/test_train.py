@@ -36,7 +36,7 @@ def small(model: Path, runs: Path, name: str, *extra: str) -> list[str]:
         "rewards.weights.exact=1", "rewards.weights.partial=1", "rewards.weights.format=0.5",
         "checkpoints.save_every=2", "checkpoints.reward_threshold=2.0", "checkpoints.save_on_best=false",
         "checkpoints.keep_best=false",
-        "traces.enabled=false", "training.report_to=[]", *extra,
+        "training.report_to=[]", *extra,
     ]  # fmt: skip
 
 
@@ -48,6 +48,21 @@ def metrics(run_dir: Path) -> dict[int, dict]:
         if "loss" in record:
             out[record["step"]] = {k: v for k, v in record.items() if k not in VOLATILE}
     return out
+
+
+def assert_traces_match_metrics(run_dir: Path, world: int = 1) -> None:
+    """Every step is in the traces once (default view), 16 completions of 4 problems, and the traced
+    rewards average to exactly what the trainer logged for that step."""
+    import rlarith.traces
+
+    frame = rlarith.traces.open(run_dir).frame()
+    logged = metrics(run_dir)
+    assert sorted(frame["step"].unique()) == sorted(logged)
+    for step, rows in frame.groupby("step"):
+        assert len(rows) == 16 and rows["key"].nunique() == 4 and rows["rank"].nunique() == world
+        assert rows["reward/exact"].mean() == pytest.approx(logged[step]["rewards/exact/mean"], abs=1e-6)
+        assert rows["reward_total"].mean() == pytest.approx(logged[step]["reward"], abs=1e-5)
+        assert rows["prompt"].str.contains("Compute").all() and rows["advantage"].abs().sum() >= 0
 
 
 def weights(checkpoint: Path) -> dict:
@@ -85,6 +100,7 @@ def test_uninterrupted_run_follows_the_policy(reference: Path) -> None:
     assert "checkpoint-4 saved" in log and "removed" in log and "checkpoint-4" in log.split("removed", 1)[1]
     state = json.loads((reference / "checkpoints" / "checkpoint-8" / "rlarith_state.json").read_text())
     assert [h["step"] for h in state["history"]] == [2, 4, 6, 8]
+    assert_traces_match_metrics(reference)
 
 
 def test_the_final_model_loads_with_from_pretrained(reference: Path) -> None:
@@ -101,7 +117,9 @@ def test_same_seed_same_run(reference: Path, sft_model: Path, tmp_path: Path) ->
     ref = metrics(reference)
     again = metrics(tmp_path / "again")
     for step in (1, 2):  # "epoch" is step / max_steps, and max_steps differs on purpose
-        assert {k: v for k, v in again[step].items() if k != "epoch"} == {k: v for k, v in ref[step].items() if k != "epoch"}
+        assert {k: v for k, v in again[step].items() if k != "epoch"} == {
+            k: v for k, v in ref[step].items() if k != "epoch"
+        }
 
 
 def stop_and_resume(reference: Path, model: Path, runs: Path, sig: signal.Signals) -> int:
@@ -124,6 +142,11 @@ def stop_and_resume(reference: Path, model: Path, runs: Path, sig: signal.Signal
     assert_same_weights(
         run_dir / "checkpoints" / f"checkpoint-{STEPS}", reference / "checkpoints" / f"checkpoint-{STEPS}"
     )
+    assert_traces_match_metrics(run_dir)
+    import rlarith.traces
+
+    attempts = rlarith.traces.open(run_dir).frame(all_attempts=True, columns=["step", "attempt"])
+    assert attempts["attempt"].nunique() == 2  # both attempts are kept; the default view shows one per step
     return stopped_at
 
 
@@ -265,3 +288,4 @@ def test_two_ranks_zero2_stop_on_one_rank_and_resume_exactly(sft_model, tmp_path
         run_dir / "checkpoints" / f"checkpoint-{STEPS}",
         tmp_path / "ref2" / "checkpoints" / f"checkpoint-{STEPS}",
     )
+    assert_traces_match_metrics(run_dir, world=2)
