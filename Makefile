@@ -13,7 +13,7 @@ setup:
 	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
 
 demo:
-	$(BIN)/rlarith data check --config configs/default.yaml
+	$(BIN)/rlarith demo --config configs/default.yaml
 
 lint:
 	$(BIN)/ruff check .
