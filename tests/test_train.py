@@ -16,9 +16,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, rlarith_env, run, start, wait_for
 from safetensors.numpy import load_file
 
+from conftest import REPO, rlarith_env, run, start, wait_for
 from rlarith.checkpoints import valid_checkpoints
 from rlarith.preemption import EXIT_STOPPED
 
