@@ -178,7 +178,9 @@ def _add_traces_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rlarith", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="rlarith", description="GRPO positive control: arithmetic, no chain of thought."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("config", help="print the resolved config")

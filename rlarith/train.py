@@ -183,18 +183,21 @@ def deepspeed_config(cfg: RunConfig) -> str | None:
 # The trainer
 
 
-def reward_functions(cfg: RunConfig) -> tuple[list[Any], list[float]]:
-    """Every component, named as in the config (TRL logs ``rewards/<name>/mean``), and its weight."""
-    funcs, weights = [], []
+def reward_functions(cfg: RunConfig, sink: dict[str, list[float]]) -> list[Any]:
+    """Every component, named as in the config (TRL logs ``rewards/<name>/mean``). Each call also leaves
+    its values in ``sink``, so the traces record exactly the rewards the trainer used."""
+    funcs = []
     for name, fn in REWARD_FUNCTIONS.items():
 
-        def component(completions: list[Any], answer: list[int], _fn: Any = fn, **kwargs: Any) -> list[float]:
-            return _fn(completions, answer, mode=cfg.rewards.extraction)
+        def component(
+            completions: list[Any], answer: list[int], _fn: Any = fn, _name: str = name, **kwargs: Any
+        ) -> list[float]:
+            sink[_name] = _fn(completions, answer, mode=cfg.rewards.extraction)
+            return sink[_name]
 
         component.__name__ = name
         funcs.append(component)
-        weights.append(float(cfg.rewards.weights.get(name, 0.0)))
-    return funcs, weights
+    return funcs
 
 
 def build_dataset(cfg: RunConfig, stream: TrainProblems) -> Any:
@@ -226,9 +229,8 @@ def make_trainer_class() -> type:
         def _save_checkpoint(self, model: Any, trial: Any) -> None:
             run, step = self.run, self.state.global_step
             started = time.time()
-            super()._save_checkpoint(
-                model, trial
-            )  # every rank: weights, optimizer, scheduler, RNG, DeepSpeed shards
+            # Every rank writes its part: weights, optimizer, scheduler, RNG, DeepSpeed shards.
+            super()._save_checkpoint(model, trial)
             run.policy.record_save(step, run.pending_reward, run.pending_reasons)
             self.accelerator.wait_for_everyone()
             if self.accelerator.is_main_process:
@@ -274,20 +276,21 @@ class RunContext:
         self.traces: Any = None  # rlarith.traces.TraceWriter when enabled
         self.reward_names = list(REWARD_FUNCTIONS)
         self.weights = [float(cfg.rewards.weights.get(n, 0.0)) for n in self.reward_names]
+        self.trace_seconds = 0.0  # time spent recording traces since the last log line
+        self.rewards: dict[str, list[float]] = {}  # this generation batch's values, per component
 
     def record(self, trainer: Any, inputs: list[dict[str, Any]], output: dict[str, Any]) -> None:
         """One trace row per local completion: exact model input and output, rewards, advantage."""
         from rlarith.answers import extract_answer
 
+        started = time.perf_counter()
         tok = trainer.processing_class
         prompt_ids, prompt_mask = (
             output["prompt_ids"].cpu(),
             output["prompt_mask"].cpu(),
-        )  # (n, P) left-padded
-        completion_ids, completion_mask = (
-            output["completion_ids"].cpu(),
-            output["completion_mask"].cpu(),
-        )  # (n, C)
+        )  # (n, P), left-padded
+        completion_ids = output["completion_ids"].cpu()  # (n, C), right-padded
+        completion_mask = output["completion_mask"].cpu()  # (n, C)
         prompts = [
             tok.decode(ids[m.bool()].tolist(), skip_special_tokens=False)
             for ids, m in zip(prompt_ids, prompt_mask)
@@ -305,12 +308,13 @@ class RunContext:
         }
         total = [0.0] * len(completions)
         for name, weight in zip(self.reward_names, self.weights):
-            values = REWARD_FUNCTIONS[name](completions, truths, mode=self.cfg.rewards.extraction)
+            values = self.rewards[name]  # what the reward functions returned for this very batch
             samples[f"reward/{name}"] = values
             total = [t + weight * v for t, v in zip(total, values)]
         samples["reward_total"] = total
         samples["advantage"] = output["advantages"].cpu().tolist()
         self.traces.write_step(trainer.state.global_step + 1, samples)
+        self.trace_seconds += time.perf_counter() - started
 
 
 def make_callbacks(run: RunContext, trainer: Any) -> list[Any]:
@@ -351,6 +355,8 @@ def make_callbacks(run: RunContext, trainer: Any) -> list[Any]:
             if not logs or not state.is_world_process_zero:
                 return control
             record = {"time": iso_now(), "step": state.global_step, **logs}
+            if run.traces is not None and "loss" in logs:  # the recorder's own cost, for benchmarks/traces.md
+                record["traces/write_s"], run.trace_seconds = run.trace_seconds, 0.0
             with metrics_path.open("a") as fh:
                 fh.write(json.dumps(record) + "\n")
             shown = {
@@ -493,7 +499,7 @@ def train(cfg: RunConfig, force: bool = False) -> int:
         log_completions=False,  # traces record every completion of every step instead
         dataloader_num_workers=0,
     )
-    funcs, _ = reward_functions(cfg)
+    funcs = reward_functions(cfg, run.rewards)
     trainer = make_trainer_class()(
         model=model,
         reward_funcs=funcs,
