@@ -144,7 +144,8 @@ class ModelConfig:
     """A directory loadable with ``from_pretrained`` (a Hugging Face model and tokenizer). The default is
     the tiny model that ``rlarith bootstrap`` warms up; on a cluster, your pretrained model's directory."""
     dtype: str = "float32"
-    """Weights dtype for training: ``float32`` (CPU), ``bfloat16`` (GPU)."""
+    """Compute precision: ``float32`` (CPU), ``bfloat16`` (GPU: mixed precision; weights and optimizer
+    state stay float32). Evaluation loads the model in this dtype."""
 
     def __post_init__(self) -> None:
         _check(

@@ -223,6 +223,9 @@ def make_trainer_class() -> type:
 
         run: RunContext
 
+        def create_model_card(self, *args: Any, **kwargs: Any) -> None:
+            pass  # TRL writes it into the output dir (our staging folder) at every save; nothing reads it
+
         def _get_output_dir(self, trial: Any) -> str:
             return str(staging_dir(self.run.cfg.run_dir))  # HF writes here; seal() moves it when complete
 
@@ -458,12 +461,13 @@ def train(cfg: RunConfig, force: bool = False) -> int:
     run = RunContext(cfg, attempt, stop)
 
     on_gpu = torch.cuda.is_available()
-    dtype = getattr(torch, cfg.model.dtype)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=dtype)
+    # Weights stay float32 (the optimizer's master copy); bf16/fp16 is autocast compute. Pure-bf16
+    # weights would lose small AdamW updates to rounding.
+    model = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=torch.float32)
 
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(cfg.run_dir / "tensorboard"))
     t = cfg.training
