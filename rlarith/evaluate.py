@@ -478,10 +478,12 @@ def _write_atomic(path: Path, data: str | bytes) -> None:
 
 
 def result_stem(result: EvalResult) -> str:
-    """``val-step40`` for a run's checkpoint, ``val-<model dir name>`` for a bare model."""
+    """``val-step40`` for a run's checkpoint, ``val-<model dir name>`` for a bare model; sampled results
+    get ``-k<samples>-t<temperature>`` so they never overwrite the greedy one (which ``compare`` reads)."""
+    sampled = f"-k{result.samples}-t{result.temperature:g}" if result.temperature > 0 else ""
     if result.step is not None:
-        return f"{result.split}-step{result.step}"
-    return f"{result.split}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', Path(result.model).name)}"
+        return f"{result.split}-step{result.step}{sampled}"
+    return f"{result.split}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', Path(result.model).name)}{sampled}"
 
 
 def markdown_table(results: Sequence[EvalResult]) -> str:
@@ -652,7 +654,7 @@ def run_eval(
 
 
 def load_results(run_dir: Path, split: str = "val") -> list[EvalResult]:
-    """A run's saved per-step results for ``split`` (``eval/<split>-step<k>.json``), by step."""
+    """A run's saved greedy per-step results for ``split`` (``eval/<split>-step<k>.json``), by step."""
     out = []
     for path in (Path(run_dir) / "eval").glob(f"{split}-step*.json"):
         if re.fullmatch(rf"{split}-step\d+\.json", path.name):

@@ -549,6 +549,8 @@ def train(cfg: RunConfig, force: bool = False) -> int:
         if run.traces is not None:
             run.traces.close()
         stop.uninstall()
+        if torch.distributed.is_initialized():  # DeepSpeed/DDP: leave no NCCL/gloo resources behind
+            torch.distributed.destroy_process_group()
     if run.stopped:
         log.info(
             "stopped at step %d after a full save; exit %d asks for a requeue",

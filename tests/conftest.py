@@ -32,6 +32,12 @@ def rlarith_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def cli(args: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run ``python -m rlarith.cli ARGS`` to completion, capturing its output."""
+    return subprocess.run([sys.executable, "-m", "rlarith.cli", *args], cwd=REPO, capture_output=True, text=True,
+                          env=rlarith_env(), timeout=timeout)  # fmt: skip
+
+
 def start(args: list[str], log: Path, **env: str) -> subprocess.Popen:
     """Start ``python -m rlarith.cli ARGS`` with output to ``log``."""
     fh = log.open("ab")

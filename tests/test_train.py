@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from safetensors.numpy import load_file
 
-from conftest import REPO, rlarith_env, run, start, wait_for
+from conftest import REPO, cli, rlarith_env, run, start, wait_for
 from rlarith.checkpoints import valid_checkpoints
 from rlarith.preemption import EXIT_STOPPED
 
@@ -188,14 +188,7 @@ def test_a_different_config_is_refused_unless_forced(reference, sft_model, tmp_p
     args = small(sft_model, tmp_path, "ref", "training.learning_rate=5e-4")
     # Point at the reference run's parent so the run dir already exists with another config.
     args = [a.replace(f"runs_dir={tmp_path}", f"runs_dir={reference.parent}") for a in args]
-    proc = subprocess.run(
-        [sys.executable, "-m", "rlarith.cli", "train", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        env=rlarith_env(),
-        timeout=120,
-    )
+    proc = cli(["train", *args])
     assert (
         proc.returncode == 2
         and "training.learning_rate: 0.001 -> 0.0005" in proc.stderr
@@ -219,14 +212,7 @@ def test_a_different_config_is_refused_unless_forced(reference, sft_model, tmp_p
 def test_bad_input_is_refused_before_any_compute(sft_model, tmp_path, overrides, message) -> None:
     (tmp_path / "file").write_text("not a directory")
     args = small(sft_model, tmp_path, "bad", *(o.format(tmp=tmp_path) for o in overrides))
-    proc = subprocess.run(
-        [sys.executable, "-m", "rlarith.cli", "train", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        env=rlarith_env(),
-        timeout=120,
-    )
+    proc = cli(["train", *args])
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert message.format(tmp=tmp_path) in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "bad" / "checkpoints").exists()
