@@ -76,8 +76,10 @@ RESUMABLE_KEYS = (
 # Who is running: rank, attempt, run id
 
 
-def iso_now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+def iso_time(seconds: float | None = None) -> str:
+    """``2026-11-26T04:08:20.897Z``: UTC, milliseconds (``seconds`` since the epoch; default now)."""
+    moment = datetime.now(timezone.utc) if seconds is None else datetime.fromtimestamp(seconds, timezone.utc)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 @dataclass(frozen=True)
@@ -357,7 +359,7 @@ def make_callbacks(run: RunContext, trainer: Any) -> list[Any]:
         ) -> Any:
             if not logs or not state.is_world_process_zero:
                 return control
-            record = {"time": iso_now(), "step": state.global_step, **logs}
+            record = {"time": iso_time(), "step": state.global_step, **logs}
             if run.traces is not None and "loss" in logs:  # the recorder's own cost, for benchmarks/traces.md
                 record["traces/write_s"], run.trace_seconds = run.trace_seconds, 0.0
             with metrics_path.open("a") as fh:
@@ -394,21 +396,32 @@ class _StepFilter(logging.Filter):
         return True
 
 
+class _IsoFormatter(logging.Formatter):
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
+        return (
+            datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds")[:-6] + "Z"
+        )
+
+
 def setup_logging() -> _StepFilter:
-    """Every line: ISO timestamp, global step, rank."""
+    """Every line: ISO-8601 UTC timestamp, global step, rank; on the screen and (``log_to_file``) in the run."""
     step_filter = _StepFilter()
     handler = logging.StreamHandler(sys.stdout)
-    formatter = logging.Formatter(
-        "%(asctime)s step %(step)d rank %(rank)d | %(message)s", "%Y-%m-%dT%H:%M:%S"
-    )
-    formatter.converter = time.gmtime
-    formatter.default_msec_format = "%s.%03dZ"
-    handler.setFormatter(formatter)
+    handler.setFormatter(_IsoFormatter("%(asctime)s step %(step)d rank %(rank)d | %(message)s"))
     handler.addFilter(step_filter)
     log.handlers[:] = [handler]
     log.setLevel(logging.INFO)
     log.propagate = False
     return step_filter
+
+
+def log_to_file(path: Path, step_filter: _StepFilter) -> None:
+    """Also append every line to ``path`` (one file per rank): no need to pipe the output to keep it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(log.handlers[0].formatter)
+    handler.addFilter(step_filter)
+    log.addHandler(handler)
 
 
 def seed_everything(seed: int) -> None:
@@ -429,6 +442,7 @@ def train(cfg: RunConfig, force: bool = False) -> int:
     # Cheap checks first: no model is loaded before the config, paths and data are known to be good.
     check_model_path(cfg)
     check_run_dir(cfg, force)
+    log_to_file(cfg.run_dir / "logs" / f"rank{rank}.log", step_filter)
     ds_config = deepspeed_config(cfg)
     task = make_task(cfg.task)
     stream = TrainProblems(task, cfg.data, cfg.training.seed)

@@ -103,6 +103,15 @@ def test_uninterrupted_run_follows_the_policy(reference: Path) -> None:
     for line in (reference / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)
         assert record["time"].endswith("Z") and "T" in record["time"] and isinstance(record["step"], int)
+    import re
+
+    lines = (reference / "logs" / "rank0.log").read_text().splitlines()  # the run keeps its own log
+    stamped = [
+        line
+        for line in lines
+        if re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z step \d+ rank 0 \| ", line)
+    ]
+    assert len(stamped) >= STEPS and any(" step 8 rank 0 | " in line for line in stamped)
     log = (reference.parent / "log").read_text()
     assert "checkpoint-4 saved" in log and "removed" in log and "checkpoint-4" in log.split("removed", 1)[1]
     state = json.loads((reference / "checkpoints" / "checkpoint-8" / "rlarith_state.json").read_text())
