@@ -437,6 +437,13 @@ def train(cfg: RunConfig, force: bool = False) -> int:
     """Run (or resume) training; returns the process exit status."""
     step_filter = setup_logging()
     stop = StopRequest().install()  # first: a signal during start-up still stops at the first boundary
+    try:
+        return _train(cfg, force, stop, step_filter)
+    finally:
+        stop.uninstall()
+
+
+def _train(cfg: RunConfig, force: bool, stop: StopRequest, step_filter: _StepFilter) -> int:
     rank = global_rank()
 
     # Cheap checks first: no model is loaded before the config, paths and data are known to be good.
@@ -562,7 +569,6 @@ def train(cfg: RunConfig, force: bool = False) -> int:
     finally:
         if run.traces is not None:
             run.traces.close()
-        stop.uninstall()
         if torch.distributed.is_initialized():  # DeepSpeed/DDP: leave no NCCL/gloo resources behind
             torch.distributed.destroy_process_group()
     if run.stopped:
