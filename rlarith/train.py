@@ -466,7 +466,10 @@ def _train(cfg: RunConfig, force: bool, stop: StopRequest, step_filter: _StepFil
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     per_device = check_batch(cfg, world_size)
     if rank == 0:
-        save_config(cfg, cfg.run_dir / "config.yaml")
+        saved = cfg.run_dir / "config.yaml"
+        if saved.is_file() and flat(load_config(saved)) != flat(cfg):  # keep the record of earlier attempts
+            saved.rename(saved.with_name(f"config.{iso_time().replace(':', '')}.yaml"))
+        save_config(cfg, saved)
         for path in clean_staging(cfg.run_dir):
             log.info("removed the leftover of an interrupted save: %s", path)
 

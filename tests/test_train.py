@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -203,6 +204,16 @@ def test_a_different_config_is_refused_unless_forced(reference, sft_model, tmp_p
         and "training.learning_rate: 0.001 -> 0.0005" in proc.stderr
         and "--force" in proc.stderr
     )
+    # Forced (on a copy: other tests read the reference): it resumes, and the old config is kept beside the new.
+    shutil.copytree(reference, tmp_path / "ref")
+    forced = cli(
+        ["train", "--force", *small(sft_model, tmp_path, "ref", "training.learning_rate=5e-4")], timeout=300
+    )
+    assert forced.returncode == 0, forced.stdout[-2000:] + forced.stderr[-2000:]
+    assert "resuming from" in forced.stdout
+    kept = list((tmp_path / "ref").glob("config.*.yaml"))
+    assert len(kept) == 1 and "learning_rate: 0.001" in kept[0].read_text()
+    assert "learning_rate: 0.0005" in (tmp_path / "ref" / "config.yaml").read_text()
 
 
 @pytest.mark.parametrize(
