@@ -266,8 +266,9 @@ def start_ranks(args: list[str], log_dir: Path, world: int = 2) -> list[subproce
 
 
 @pytest.mark.slow
-def test_two_ranks_zero2_stop_on_one_rank_and_resume_exactly(sft_model, tmp_path) -> None:
-    common = ["training.deepspeed=zero2"]
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_two_ranks_deepspeed_stop_on_one_rank_and_resume_exactly(sft_model, tmp_path, stage) -> None:
+    common = [f"training.deepspeed={stage}"]
     # The reference runs under torchrun (the README's launch); the interrupted run as SLURM tasks would.
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                 str(_free_port()), "-m", "rlarith.train", *small(sft_model, tmp_path, "ref2", *common)]  # fmt: skip
