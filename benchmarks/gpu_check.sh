@@ -15,6 +15,14 @@
 # by default `rlarith bootstrap` first SFT-warms it (BOOTSTRAP_STEPS, 600) into $WORK/m_sft and the runs train
 # that; BOOTSTRAP_STEPS=0 trains the bare `init-model` output ($WORK/m) instead.
 #
+# .whl/ is not in git; rebuild it on the dev machine (Python 3.12 wheels for the GPU image), then copy the
+# deepspeed wheel pip built locally (find ~/.cache/pip/wheels -name 'deepspeed-0.19.8*.whl'):
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+#     trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 omegaconf==2.4.0 zstandard==0.25.0 \
+#     pydantic==2.14.4 pydantic_core==2.50.5 annotated_types==0.8.0 typing_inspection==0.4.5 hjson==3.1.0 \
+#     einops==0.8.2 typing_extensions==4.16.0
+#   pip download ... -d .whl/optional huggingface_hub==1.33.0 fsspec==2026.9.0
 # Environment (defaults): OUT (/tmp/gpucheck_out), PY (python3), DTYPE (bfloat16), WORK (/tmp: models in
 # $WORK/m and $WORK/m_sft, runs in $WORK/runs), BUDGET (420 s), BOOTSTRAP_STEPS (600), SKIP_WHEELS (0; 1 uses
 # PY's own packages).
