@@ -24,7 +24,7 @@ import random
 import statistics
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +35,6 @@ SHAPES = {
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                  intermediate_size=128),
 }  # fmt: skip
-
-
-def iso_time(seconds: float | None = None) -> str:
-    moment = datetime.now(timezone.utc) if seconds is None else datetime.fromtimestamp(seconds, timezone.utc)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -79,12 +74,12 @@ def cmd_bare(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback
     from transformers.utils import logging as hf_logging
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOTrainer
 
     from rlarith.config import load_config
     from rlarith.data import TrainProblems, make_task
     from rlarith.rewards import exact
-    from rlarith.train import build_dataset
+    from rlarith.train import build_dataset, grpo_config, iso_time
 
     # The config rlarith train sees with the benchmark's overrides: the same task, prompts and data order.
     cfg = load_config(
@@ -98,6 +93,8 @@ def cmd_bare(args: argparse.Namespace) -> int:
             "training.max_completion_length=8",
             "training.learning_rate=1e-6",
             "training.deepspeed=none",
+            "training.report_to=[]",
+            f"runs_dir={args.out}",
         ],
     )
     t = cfg.training
@@ -120,38 +117,8 @@ def cmd_bare(args: argparse.Namespace) -> int:
     model = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=torch.float32)
     dataset = build_dataset(cfg, TrainProblems(make_task(cfg.task), cfg.data, t.seed))
 
-    grpo_args = GRPOConfig(  # every argument rlarith/train.py passes, with the same values
-        output_dir=str(out / "trl"),
-        seed=t.seed,
-        data_seed=t.seed,
-        max_steps=t.max_steps,
-        learning_rate=t.learning_rate,
-        lr_scheduler_type="constant_with_warmup",
-        warmup_steps=t.warmup_steps,
-        per_device_train_batch_size=t.prompts_per_step * t.num_generations,
-        gradient_accumulation_steps=1,
-        num_generations=t.num_generations,
-        max_completion_length=t.max_completion_length,
-        temperature=t.temperature,
-        beta=t.beta,
-        loss_type=t.loss_type,
-        steps_per_generation=t.steps_per_generation,
-        num_iterations=t.num_iterations,
-        max_grad_norm=t.max_grad_norm,
-        reward_weights=[1.0],
-        shuffle_dataset=False,
-        save_strategy="no",
-        logging_steps=t.logging_steps,
-        report_to=[],
-        deepspeed=None,
-        bf16=on_gpu and cfg.model.dtype == "bfloat16",
-        fp16=on_gpu and cfg.model.dtype == "float16",
-        use_cpu=not on_gpu,
-        gradient_checkpointing=t.gradient_checkpointing,
-        disable_tqdm=True,
-        log_completions=False,
-        dataloader_num_workers=0,
-    )
+    # The very GRPOConfig rlarith builds (one rank, no DeepSpeed), with only the exact reward.
+    grpo_args = grpo_config(cfg, t.prompts_per_step * t.num_generations, None, [1.0])
 
     class Metrics(TrainerCallback):
         """rlarith's metrics.jsonl line (ISO time, step, logs), nothing else."""

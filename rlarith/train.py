@@ -216,6 +216,47 @@ def build_dataset(cfg: RunConfig, stream: TrainProblems) -> Any:
     return Dataset.from_dict(rows)
 
 
+def grpo_config(cfg: RunConfig, per_device: int, deepspeed: str | None, weights: list[float]) -> Any:
+    """TRL's ``GRPOConfig`` for a run (also the bare-TRL baseline of benchmarks/gpu_overhead.py)."""
+    import torch
+    from trl import GRPOConfig
+
+    on_gpu = torch.cuda.is_available()
+    t = cfg.training
+    return GRPOConfig(
+        output_dir=str(staging_dir(cfg.run_dir)),
+        seed=t.seed,
+        data_seed=t.seed,
+        max_steps=t.max_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type="constant_with_warmup",
+        warmup_steps=t.warmup_steps,
+        per_device_train_batch_size=per_device,
+        gradient_accumulation_steps=1,
+        num_generations=t.num_generations,
+        max_completion_length=t.max_completion_length,
+        temperature=t.temperature,
+        beta=t.beta,
+        loss_type=t.loss_type,
+        steps_per_generation=t.steps_per_generation,
+        num_iterations=t.num_iterations,
+        max_grad_norm=t.max_grad_norm,
+        reward_weights=weights,
+        shuffle_dataset=False,  # the order is ours: rlarith.data, a pure function of (seed, index)
+        save_strategy="no",  # saves are decided by the StepBoundary callback
+        logging_steps=t.logging_steps,
+        report_to=list(t.report_to),
+        deepspeed=deepspeed,
+        bf16=on_gpu and cfg.model.dtype == "bfloat16",
+        fp16=on_gpu and cfg.model.dtype == "float16",
+        use_cpu=not on_gpu,
+        gradient_checkpointing=t.gradient_checkpointing,
+        disable_tqdm=True,
+        log_completions=False,  # traces record every completion of every step instead
+        dataloader_num_workers=0,
+    )
+
+
 def make_trainer_class() -> type:
     """Subclass GRPOTrainer (imported late: the launcher must not import torch)."""
     from trl import GRPOTrainer
@@ -476,7 +517,6 @@ def _train(cfg: RunConfig, force: bool, stop: StopRequest, step_filter: _StepFil
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
     from transformers.utils import logging as hf_logging
-    from trl import GRPOConfig
 
     hf_logging.set_verbosity_warning()
     hf_logging.disable_progress_bar()  # one line per step is ours; tqdm bars would interleave with it
@@ -484,7 +524,6 @@ def _train(cfg: RunConfig, force: bool, stop: StopRequest, step_filter: _StepFil
     attempt = Attempt.current()
     run = RunContext(cfg, attempt, stop)
 
-    on_gpu = torch.cuda.is_available()
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
@@ -494,39 +533,7 @@ def _train(cfg: RunConfig, force: bool, stop: StopRequest, step_filter: _StepFil
     model = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=torch.float32)
 
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(cfg.run_dir / "tensorboard"))
-    t = cfg.training
-    args = GRPOConfig(
-        output_dir=str(staging_dir(cfg.run_dir)),
-        seed=t.seed,
-        data_seed=t.seed,
-        max_steps=t.max_steps,
-        learning_rate=t.learning_rate,
-        lr_scheduler_type="constant_with_warmup",
-        warmup_steps=t.warmup_steps,
-        per_device_train_batch_size=per_device,
-        gradient_accumulation_steps=1,
-        num_generations=t.num_generations,
-        max_completion_length=t.max_completion_length,
-        temperature=t.temperature,
-        beta=t.beta,
-        loss_type=t.loss_type,
-        steps_per_generation=t.steps_per_generation,
-        num_iterations=t.num_iterations,
-        max_grad_norm=t.max_grad_norm,
-        reward_weights=run.weights,
-        shuffle_dataset=False,  # the order is ours: rlarith.data, a pure function of (seed, index)
-        save_strategy="no",  # saves are decided by the StepBoundary callback
-        logging_steps=t.logging_steps,
-        report_to=list(t.report_to),
-        deepspeed=ds_config,
-        bf16=on_gpu and cfg.model.dtype == "bfloat16",
-        fp16=on_gpu and cfg.model.dtype == "float16",
-        use_cpu=not on_gpu,
-        gradient_checkpointing=t.gradient_checkpointing,
-        disable_tqdm=True,
-        log_completions=False,  # traces record every completion of every step instead
-        dataloader_num_workers=0,
-    )
+    args = grpo_config(cfg, per_device, ds_config, run.weights)
     funcs = reward_functions(cfg, run.rewards)
     trainer = make_trainer_class()(
         model=model,
