@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -193,7 +194,8 @@ class TrainingConfig:
     gradient_checkpointing: bool = False
     """Trade compute for memory (useful for large models on GPU; pointless for the tiny CPU model)."""
     deepspeed: str = "none"
-    """``none``, ``zero2``, ``zero3`` (configs/deepspeed/*.json) or a path to a DeepSpeed JSON file."""
+    """``none``, ``zero2``, ``zero3`` (rlarith/deepspeed/*.json, shipped in the package) or a path to a
+    DeepSpeed JSON file."""
     logging_steps: int = 1
     """Log metrics every this many steps (the notebook: every step)."""
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
@@ -225,12 +227,21 @@ class TrainingConfig:
             "training.loss_type",
             f"use grpo, dapo, dr_grpo or bnpo; got {self.loss_type!r}.",
         )
+        # The one check of this key (rlarith.train.deepspeed_config trusts it): a user's file must exist
+        # and hold JSON now, not when DeepSpeed starts after the model has loaded.
         if self.deepspeed not in ("none", "zero2", "zero3"):
             _check(
                 Path(self.deepspeed).is_file(),
                 "training.deepspeed",
                 f"file {self.deepspeed!r} not found; use none, zero2, zero3 or a DeepSpeed JSON path.",
             )
+            try:
+                json.loads(Path(self.deepspeed).read_text())
+            except (OSError, ValueError) as err:
+                raise ConfigError(
+                    f"training.deepspeed: {self.deepspeed!r} is not a readable JSON file ({err}); "
+                    "fix it or use none, zero2 or zero3."
+                ) from None
         for sink in self.report_to:
             _check(
                 sink in ("tensorboard", "wandb"),

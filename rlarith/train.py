@@ -166,19 +166,16 @@ def check_batch(cfg: RunConfig, world_size: int) -> int:
 
 
 def deepspeed_config(cfg: RunConfig) -> str | None:
+    """The DeepSpeed JSON for ``training.deepspeed`` (validated by rlarith.config): ``zero2``/``zero3`` are
+    package data (rlarith/deepspeed/), so an installed wheel finds them; anything else is the user's path."""
     name = cfg.training.deepspeed
     if name == "none":
         return None
-    path = (
-        Path(__file__).resolve().parent.parent / "configs" / "deepspeed" / f"{name}.json"
-        if name in ("zero2", "zero3")
-        else Path(name)
-    )
-    if not path.is_file():
-        raise ConfigError(
-            f"training.deepspeed: {str(path)!r} not found; use none, zero2, zero3 or a JSON path."
-        )
-    return str(path)
+    if name in ("zero2", "zero3"):
+        # Beside this module in a checkout and in an installed wheel alike. Not importlib.resources:
+        # rlarith is a namespace package (no __init__.py), which files() rejects under an editable install.
+        return str(Path(__file__).resolve().parent / "deepspeed" / f"{name}.json")
+    return name
 
 
 # ----------------------------------------------------------------------------------------------------------
