@@ -1,25 +1,31 @@
-# One target per promise: `make setup`, `make demo` (the main job), `make test` (exactly what CI runs).
+# One target per promise: `make demo` (the main job) and `make test` (exactly what CI runs) each set up
+# what they need first; `make setup` only builds the environment.
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# Rebuilt when the dependency lists change.
+INSTALLED := $(VENV)/.installed
 
 .PHONY: setup demo test lint format
 
-setup:
+setup: $(INSTALLED)
+
+$(INSTALLED): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# torch first, pinned to the CPU build on this machine's disk (constraints.txt); then the package.
 	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
 	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
+	touch $@
 
-demo:
+demo: $(INSTALLED)
 	$(BIN)/rlarith demo --config configs/default.yaml
 
-lint:
+lint: $(INSTALLED)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-format:
+format: $(INSTALLED)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 

@@ -72,6 +72,46 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- submit / status (rlarith.launch, rlarith.status) -------------------------------------------------
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from rlarith import launch
+
+    cfg = load_config(args.config, args.overrides)
+    if args.dry_run:
+        print(launch.dry_run(cfg), end="")
+        return 0
+    return launch.submit(cfg, wait=args.wait)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from rlarith.status import report
+
+    try:
+        print(report(Path(args.run)), end="")
+    except FileNotFoundError as err:
+        print(f"rlarith: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _add_submit_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "submit", help="run training as a submitit job: SLURM (requeued on preemption) or local"
+    )
+    _config_args(p)
+    p.add_argument("--wait", action="store_true", help="follow the job; exit 0 only when training finished")
+    p.add_argument(
+        "--dry-run", action="store_true", help="print the resources and batch script; submit nothing"
+    )
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("status", help="a run's attempts, latest checkpoint and last metrics")
+    p.add_argument("run", metavar="RUN", help="a run directory")
+    p.set_defaults(func=cmd_status)
+
+
 # ---- eval / compare (rlarith.evaluate) ----------------------------------------------------------------
 
 
@@ -214,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_init_model)
+    _add_submit_parsers(sub)  # submit / status
     _add_eval_parsers(sub)  # eval / compare
     _add_traces_parsers(sub)  # traces summary / export / plot
     return parser

@@ -1,0 +1,109 @@
+"""The attempts record: one line per start and one per end of every attempt of a run (``attempts.jsonl``).
+
+An attempt is one start of the trainer: a SLURM job's first run or a restart after a requeue
+(``<job id>.<restart count>``), or a local run. The job driver (``rlarith.launch``, on the host) appends a
+``start`` record before it starts the trainer and an ``end`` record when the trainer exits, saying why it
+ended and what happens next. An attempt with a start and no end was killed without warning (node failure,
+SIGKILL) or is still running. ``rlarith status RUN`` reads this file; nothing else depends on it, so a
+record is appended with one ``write`` (lines stay whole when several jobs share a filesystem).
+
+This module imports no torch: it runs on login nodes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+RECORD = "attempts.jsonl"
+
+ENDINGS = {
+    "finished": "training reached max_steps",
+    "preempted": "SLURM preempted the job; saved and requeued",
+    "timeout": "the time limit came; saved and requeued",
+    "timeout-limit": "the time limit came once more than slurm.max_timeouts allows; saved, not requeued",
+    "stopped": "stopped on a signal after saving; resumable (run the same command again)",
+    "requeued": "requeued from outside (scontrol requeue or a signal); saved first",
+    "failed": "the trainer failed; not requeued",
+}
+"""Why an attempt ended (the ``ended`` field of an end record)."""
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass
+class Attempt:
+    """One line of ``attempts.jsonl``."""
+
+    event: str
+    """``start`` or ``end``."""
+    attempt: str
+    """``<job id>.<restart count>``."""
+    job_id: str
+    time: str = field(default_factory=now_iso)
+    host: str = ""
+    restart: int = 0
+    first_step: int | None = None
+    """start: the step the attempt begins with (the resumed checkpoint's step + 1)."""
+    last_step: int | None = None
+    """end: the last step the attempt logged."""
+    checkpoint: int | None = None
+    """end: the step of the latest valid checkpoint."""
+    ended: str | None = None
+    """end: a key of ``ENDINGS``."""
+    exit: int | None = None
+    """end: the trainer's exit status (negative: killed by that signal)."""
+    detail: str = ""
+
+
+def append(run_dir: Path, record: Attempt) -> None:
+    path = Path(run_dir) / RECORD
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = json.dumps({k: v for k, v in asdict(record).items() if v not in (None, "")}) + "\n"
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read(run_dir: Path) -> list[dict[str, Any]]:
+    """Every record, oldest first; a torn last line (a crash mid-write) is skipped."""
+    path = Path(run_dir) / RECORD
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def merged(run_dir: Path) -> list[dict[str, Any]]:
+    """One row per attempt: its start record updated with its end record (if any), oldest first."""
+    rows: dict[str, dict[str, Any]] = {}
+    for rec in read(run_dir):
+        row = rows.setdefault(rec["attempt"], {"attempt": rec["attempt"]})
+        if rec.get("event") == "start":
+            row.update({k: v for k, v in rec.items() if k != "event"}, start=rec["time"])
+        else:
+            row.update({k: v for k, v in rec.items() if k not in ("event", "host", "time")}, end=rec["time"])
+    return list(rows.values())
+
+
+def count(run_dir: Path, job_id: str, ended: str) -> int:
+    """How many attempts of ``job_id`` ended with ``ended`` (e.g. the timeouts a job has used)."""
+    return sum(
+        1
+        for r in read(run_dir)
+        if r.get("event") == "end" and r.get("job_id") == job_id and r.get("ended") == ended
+    )
