@@ -32,6 +32,7 @@ import zstandard
 
 from rlarith import traces
 from rlarith.config import TraceConfig
+from rlarith.traces.format import Block, write_shard
 
 PROMPT = "<|im_start|>user\nCompute {a} * {b}. Reply with only the final number.<|im_end|>\n<|im_start|>assistant\n"
 DIGIT_IDS = {str(d): 15 + d for d in range(10)}  # Qwen2 tokenises digits one by one: '0' is 15
@@ -229,7 +230,7 @@ def hdf5_per_step_cost(data: list[dict[str, list]], repeat: int = 50) -> float:
     w = traces.TraceWriter("unused", cfg=TraceConfig(enabled=False), **META)  # only its encoder
     times = []
     for i in range(repeat):
-        block = traces._Block(
+        block = Block(
             attrs=dict(META, seq_first=i, seq_last=i, zstd_level=10),
             step=np.array([i]),
             time=np.array([time.time()]),
@@ -238,7 +239,7 @@ def hdf5_per_step_cost(data: list[dict[str, list]], repeat: int = 50) -> float:
         )
         t0 = time.perf_counter()
         with h5py.File(f"bench-{i}", "w", driver="core", backing_store=False, libver="v110") as h5:
-            traces._write_shard(h5, block)
+            write_shard(h5, block)
             h5.flush()
             h5.id.get_file_image()
         times.append(time.perf_counter() - t0)

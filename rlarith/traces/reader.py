@@ -1,0 +1,502 @@
+"""The trace reader: ``open(path)`` gives a ``Traces`` with pandas views of every shard and journal.
+
+Attempts. Each writer records its ``attempt`` id and ``attempt_seq`` (chronological). The default view
+shows each step once, from the latest attempt (by ``attempt_seq``) that recorded it: after a resume that
+is the attempt the final model descends from. ``all_attempts=True`` shows every copy.
+
+Reading never decompresses what was not asked for: the index (``steps`` and attributes) comes first, then
+only the requested columns' datasets, and only the row ranges and zstd frames of the selected steps.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import pandas as pd
+
+from rlarith.config import RunConfig, load_config
+from rlarith.traces import report
+from rlarith.traces.format import (
+    FORMAT,
+    META_COLUMNS,
+    STATE_NONE,
+    Block,
+    TextCodec,
+    TraceError,
+    check_version,
+    is_covered,
+    merge,
+    read_journal,
+)
+
+
+@dataclass
+class Source:
+    """A shard (read through h5py on demand) or a journal's uncovered records (merged in memory)."""
+
+    path: Path
+    sealed: bool
+    rank: int
+    attempt: str
+    attempt_seq: int
+    run_id: str
+    seq_first: int
+    seq_last: int
+    columns: dict[str, str]
+    size: int
+    block: Block | None = None  # journals only
+
+    def open(self) -> Any:
+        return h5py.File(self.path, "r", locking=False) if self.block is None else _BlockView(self.block)
+
+    def metrics(self) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+        if self.block is not None:
+            b = self.block
+            return b.m_names, b.m_step, b.m_time, b.m_value
+        with h5py.File(self.path, "r", locking=False) as h5:
+            names = json.loads(h5["metrics"].attrs["names"])
+            step = h5["metrics/step"][()]
+            return names, step, h5["metrics/time"][()], h5["metrics/value"][()].reshape(len(step), len(names))
+
+
+class _BlockView:
+    """An in-memory block behind the same ``src["samples/<name>"]["<dataset>"]`` paths as an HDF5 file."""
+
+    def __init__(self, block: Block) -> None:
+        self.block = block
+
+    def __getitem__(self, path: str) -> dict[str, np.ndarray]:
+        return self.block.columns[path.split("/", 1)[1]][1]
+
+    def __enter__(self) -> _BlockView:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+_INDEX_COLUMNS = ["step", "time", "start", "count", "j", "source", "rank", "attempt", "attempt_seq", "run_id"]
+
+
+def _scan(directory: Path) -> tuple[list[Source], pd.DataFrame]:
+    """Every shard and journal, minus journal records a shard already covers, and the table of their steps
+    (one row per step and source: where its rows are, and whose they are), in commit order."""
+    # Journals before shards: a journal sealed meanwhile was either read here (and its shard, listed
+    # after, covers it) or already deleted (and then its shard was renamed in before we list shards).
+    journals = []
+    for path in sorted(directory.glob("pending/*.journal")):
+        try:
+            journals.append((path, read_journal(path), path.stat().st_size))
+        except FileNotFoundError:
+            continue
+    sources: list[Source] = []
+    tables = []
+    for path in sorted(directory.glob("*.h5")):
+        try:
+            with h5py.File(path, "r", locking=False) as h5:
+                if h5.attrs.get("format") != FORMAT:
+                    warnings.warn(f"traces: skipping {path}: not a trace file", stacklevel=3)
+                    continue
+                check_version(h5, path)
+                a = h5.attrs
+                src = Source(
+                    path=path,
+                    sealed=True,
+                    rank=int(a["rank"]),
+                    attempt=str(a["attempt"]),
+                    attempt_seq=int(a["attempt_seq"]),
+                    run_id=str(a["run_id"]),
+                    seq_first=int(a["seq_first"]),
+                    seq_last=int(a["seq_last"]),
+                    columns=json.loads(a["columns"]),
+                    size=path.stat().st_size,
+                )
+                tables.append({k: h5[f"steps/{k}"][()] for k in ("step", "time", "start", "count")})
+        except OSError as err:  # never expected: shards appear complete or not at all
+            warnings.warn(f"traces: skipping unreadable {path} ({err})", stacklevel=3)
+            continue
+        sources.append(src)
+    covered: dict[tuple[int, str], list[tuple[int, int]]] = {}
+    for s in sources:
+        covered.setdefault((s.rank, s.attempt), []).append((s.seq_first, s.seq_last))
+    for path, blocks, size in journals:
+        if blocks:
+            a = blocks[0].attrs
+            ranges = covered.get((int(a["rank"]), a["attempt"]), [])
+            blocks = [b for b in blocks if not is_covered(int(b.attrs["seq_first"]), ranges)]
+        if not blocks:
+            continue
+        block = merge(blocks, 1)
+        a = block.attrs
+        src = Source(
+            path=path,
+            sealed=False,
+            rank=int(a["rank"]),
+            attempt=a["attempt"],
+            attempt_seq=int(a["attempt_seq"]),
+            run_id=a["run_id"],
+            seq_first=int(a["seq_first"]),
+            seq_last=int(a["seq_last"]),
+            columns={n: k for n, (k, _) in block.columns.items()},
+            size=size,
+            block=block,
+        )
+        sources.append(src)
+        start = np.r_[0, np.cumsum(block.count)[:-1]].astype(np.int64) if len(block.count) else block.count
+        tables.append({"step": block.step, "time": block.time, "start": start, "count": block.count})
+    order = sorted(
+        range(len(sources)), key=lambda i: (sources[i].attempt_seq, sources[i].attempt, sources[i].seq_first)
+    )
+    sources, tables = [sources[i] for i in order], [tables[i] for i in order]
+    frames = []
+    for i, (s, t) in enumerate(zip(sources, tables)):
+        df = pd.DataFrame(t)
+        df["j"], df["source"] = np.arange(len(df)), i
+        df["rank"], df["attempt"], df["attempt_seq"], df["run_id"] = (
+            s.rank,
+            s.attempt,
+            s.attempt_seq,
+            s.run_id,
+        )
+        frames.append(df)
+    index = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=_INDEX_COLUMNS)
+    types = {"step": np.int64, "time": np.float64, "start": np.int64, "count": np.int64, "source": np.int64}
+    return sources, index.astype(dict(types, rank=np.int64, attempt_seq=np.int64))
+
+
+def _latest(df: pd.DataFrame, order: str) -> pd.DataFrame:
+    """The default view: the rows of each step that the latest attempt recording it (by attempt_seq, then
+    id) wrote, on every rank."""
+    if df.empty:
+        return df
+    ordered = df.sort_values(["step", "attempt_seq", "attempt", order], kind="stable")
+    winner = ordered.drop_duplicates("step", keep="last").set_index("step")["attempt"]
+    return ordered[ordered["attempt"].to_numpy() == winner.reindex(ordered["step"]).to_numpy()]
+
+
+def _as_set(x: Any) -> Any:
+    if x is None or isinstance(x, range):
+        return x
+    if isinstance(x, (str, int, np.integer)):
+        return {x}
+    return set(x)
+
+
+def _match(series: pd.Series, wanted: Any) -> np.ndarray:
+    if isinstance(wanted, range):  # without materialising range(0, 10**9)
+        v = series.to_numpy(np.int64)
+        lo, hi = (wanted.start, wanted.stop) if wanted.step > 0 else (wanted.stop, wanted.start)
+        inside = (v >= lo) & (v < hi) if wanted.step > 0 else (v > lo) & (v <= hi)
+        return inside & ((v - wanted.start) % wanted.step == 0)
+    return series.isin(list(wanted)).to_numpy()
+
+
+def _runs(starts: np.ndarray, counts: np.ndarray) -> list[tuple[int, int]]:
+    """Contiguous [lo, hi) ranges covering the given ascending ranges, so reads touch only those."""
+    out: list[tuple[int, int]] = []
+    for s, c in zip(starts.tolist(), counts.tolist()):
+        if out and out[-1][1] == s:
+            out[-1] = (out[-1][0], s + c)
+        elif c:
+            out.append((s, s + c))
+    return out
+
+
+def _take(ds: Any, runs: list[tuple[int, int]]) -> np.ndarray:
+    if not runs:
+        return np.zeros(0, ds.dtype)
+    return np.concatenate([ds[lo:hi] for lo, hi in runs])
+
+
+def _rows_of(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """The numbers start..start+count-1 of each range, concatenated."""
+    total = int(counts.sum())
+    if not total:
+        return np.zeros(0, np.int64)
+    return np.repeat(starts - np.r_[0, np.cumsum(counts)[:-1]], counts) + np.arange(total)
+
+
+def _read_text(g: Any, js: np.ndarray, counts: np.ndarray, lens: np.ndarray) -> list[str]:
+    """The strings of steps ``js`` (ascending) of one text column: consecutive frames are read in one go,
+    and no other frame is decompressed."""
+    dctx = TextCodec(1, g["dict"][()].tobytes()).dctx
+    off = g["zstd_off"][()]
+    per_step = iter(np.split(lens, np.cumsum(counts)[:-1]) if len(counts) else [])
+    texts: list[str] = []
+    for lo, hi in _runs(js, np.ones(len(js), np.int64)):
+        span = g["zstd"][off[lo] : off[hi]].tobytes()
+        for j in range(lo, hi):
+            raw = dctx.decompress(span[off[j] - off[lo] : off[j + 1] - off[lo]])
+            ends = np.cumsum(next(per_step)).tolist()
+            texts += [raw[a:b].decode("utf-8", "surrogatepass") for a, b in zip([0] + ends[:-1], ends)]
+    return texts
+
+
+def _strings(ds: Any) -> list[str]:
+    return list(ds.asstr()[()]) if isinstance(ds, h5py.Dataset) else list(ds)
+
+
+class Traces:
+    """The traces in one directory. The index is read when the object is made: ``open()`` again to see
+    steps written since. Views: by default each step once, from the latest attempt that recorded it."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        self._sources, self._index = _scan(self.directory)
+
+    # -- public ---------------------------------------------------------------------------------------------
+
+    @property
+    def sources(self) -> list[Source]:
+        """The shards and journals read, in commit order."""
+        return list(self._sources)
+
+    def steps(self, all_attempts: bool = False) -> pd.DataFrame:
+        """The index: one row per step and file (step, time, count, rank, attempt, attempt_seq, ...), of
+        the default view or of every attempt. Reads no samples."""
+        return self._select(None, None, None, all_attempts)
+
+    @property
+    def columns(self) -> dict[str, str]:
+        """Sample columns and their kinds (``text``, ``ids``, ``int``, ``float``) across all files."""
+        out: dict[str, str] = {}
+        for s in self._sources:
+            out.update(s.columns)
+        return out
+
+    def frame(
+        self,
+        steps: int | Iterable[int] | None = None,
+        ranks: int | Iterable[int] | None = None,
+        attempts: str | Iterable[str] | None = None,
+        columns: Iterable[str] | None = None,
+        all_attempts: bool = False,
+    ) -> pd.DataFrame:
+        """One row per sample, ordered by step, rank, attempt: the meta columns (step, rank, time, attempt,
+        attempt_seq, run_id), then the requested sample columns (default: all). ``len(<column>)`` is a
+        text column's UTF-8 bytes or an ids column's token count, read without decompressing any text.
+        With ``attempts``, the default view chooses among those attempts only. Ints are pandas ``Int64``
+        (``<NA>`` for None), or Python ints in an object column when one is beyond int64."""
+        select = (steps, ranks, attempts, all_attempts)
+        return _to_frame(*self._read_fresh(select, self._column_list(columns)))
+
+    def __iter__(self) -> Iterator[dict]:
+        """Records (dicts of plain Python values, None for missing) of the default view."""
+        return self.records()
+
+    def records(self, all_attempts: bool = False) -> Iterator[dict]:
+        """Like iterating, optionally over every attempt's copy. Reads 256 step blocks at a time."""
+        sel = self._select(None, None, None, all_attempts)
+        names = self._column_list(None)
+        for lo in range(0, len(sel), 256):
+            yield from _records(*self._read(sel.iloc[lo : lo + 256], names))
+
+    def metrics(self, all_attempts: bool = False) -> pd.DataFrame:
+        """Logged metrics: one row per (step, rank, attempt), or, by default, per (step, rank) from the
+        latest attempt that logged that step. Metrics sent twice for a step merge, later values winning."""
+        meta = ["step", "rank", "attempt", "attempt_seq", "run_id", "time"]
+        parts = []
+        for i, s in enumerate(self._sources):
+            names, step, t, values = s.metrics()
+            if not len(step):
+                continue
+            df = pd.DataFrame(values, columns=names)
+            df.insert(0, "step", step)
+            df.insert(1, "time", t)
+            df["rank"], df["attempt"], df["attempt_seq"], df["run_id"] = (
+                s.rank,
+                s.attempt,
+                s.attempt_seq,
+                s.run_id,
+            )
+            df["source"] = i  # sources are in commit order, and rows within one too
+            parts.append(df)
+        if not parts:
+            return pd.DataFrame(columns=meta)
+        df = pd.concat(parts, ignore_index=True)
+        names = [c for c in df.columns if c not in meta and c != "source"]
+        df = df.groupby(["step", "rank", "attempt"], sort=False, as_index=False).last()  # last non-NaN wins
+        if not all_attempts:
+            df = _latest(df, "source")
+        df = df.sort_values(["step", "rank", "attempt_seq", "attempt"], kind="stable")
+        return df[meta + names].reset_index(drop=True)
+
+    def seen_keys(self) -> set[str]:
+        """Every problem key in the traces, every attempt and rank (for evaluation's contamination check)."""
+        if "key" not in self.columns:
+            return set()
+        out, _ = self._read_fresh((None, None, None, True), ["key"])
+        return {k for k in out["key"] if k is not None}
+
+    def summary(self) -> dict:
+        """Steps, samples, files, bytes on disk and the per-step table (``rlarith traces summary``)."""
+        return report.summary(self)
+
+    def by_step(self) -> pd.DataFrame:
+        """Per step of the default view: samples, the mean of each reward column, accuracy (mean of
+        reward/exact, else parsed == truth), extraction failures (share of parsed None), mean completion
+        length (tokens; UTF-8 bytes without completion_ids). Reads no text."""
+        return report.by_step(self)
+
+    # -- internals ------------------------------------------------------------------------------------------
+
+    def _select(self, steps: Any, ranks: Any, attempts: Any, all_attempts: bool) -> pd.DataFrame:
+        df = self._index
+        if attempts is not None:
+            df = df[_match(df["attempt"], _as_set(attempts))]
+        if not all_attempts:
+            df = _latest(df, "source")
+        for col, wanted in (("step", steps), ("rank", ranks)):
+            if wanted is not None:
+                df = df[_match(df[col], _as_set(wanted))]
+        return df.sort_values(["step", "rank", "attempt_seq", "attempt", "source"], kind="stable")
+
+    def _column_list(self, columns: Iterable[str] | None) -> list[str]:
+        known = self.columns
+        if columns is None:
+            return list(known)
+        out = []
+        for c in [columns] if isinstance(columns, str) else list(columns):
+            if c in META_COLUMNS:
+                continue
+            base = c[4:-1] if c.startswith("len(") and c.endswith(")") else c
+            if base not in known or (base != c and known[base] not in ("text", "ids")):
+                raise TraceError(
+                    f"no column {c!r} in {self.directory}; columns: {', '.join(known) or 'none'}"
+                )
+            out.append(c)
+        return out
+
+    def _read_fresh(self, select: tuple, names: list[str]) -> tuple[dict[str, Any], dict[str, str]]:
+        """``_read`` of a selection; if a journal was sealed into a shard since the index was read, the
+        index is read again, once."""
+        try:
+            return self._read(self._select(*select), names)
+        except FileNotFoundError:
+            self._sources, self._index = _scan(self.directory)
+            return self._read(self._select(*select), names)
+
+    def _read(self, sel: pd.DataFrame, names: list[str]) -> tuple[dict[str, Any], dict[str, str]]:
+        """The selected step blocks' rows, in order, as raw columns: arrays (float, len), object arrays
+        (text, ids), [values, states, {row: big int}] (int). Only ``names`` are read."""
+        counts = sel["count"].to_numpy(np.int64)
+        n = int(counts.sum())
+        out_start = np.r_[0, np.cumsum(counts)[:-1]].astype(np.int64) if len(counts) else counts
+        known = self.columns
+        kinds = {c: ("len" if c.startswith("len(") else known[c]) for c in names}
+        out: dict[str, Any] = {c: np.repeat(sel[c].to_numpy(), counts) for c in META_COLUMNS}
+        for c, kind in kinds.items():
+            if kind == "float":
+                out[c] = np.full(n, np.nan)
+            elif kind == "int":
+                out[c] = [np.zeros(n, np.int64), np.zeros(n, np.uint8), {}]
+            elif kind == "len":
+                out[c] = np.zeros(n, np.int64)
+            else:
+                out[c] = np.full(n, None, dtype=object)
+        for source_id, rows in sel.assign(out_start=out_start).groupby("source", sort=False):
+            rows = rows.sort_values("start")
+            s = self._sources[source_id]
+            starts, cnts = rows["start"].to_numpy(np.int64), rows["count"].to_numpy(np.int64)
+            runs = _runs(starts, cnts)
+            src = _rows_of(starts, cnts)  # the source's selected rows, ascending
+            dest = np.repeat(rows["out_start"].to_numpy() - starts, cnts) + src  # where they go
+            with s.open() as h5:
+                for c, kind in kinds.items():
+                    base = c[4:-1] if kind == "len" else c
+                    if base not in s.columns:  # e.g. a reward column another attempt did not have
+                        continue
+                    g = h5[f"samples/{base}"]
+                    if kind == "float":
+                        out[c][dest] = _take(g["value"], runs)
+                    elif kind == "len":
+                        out[c][dest] = _take(g["len"], runs)
+                    elif kind == "int":
+                        out[c][0][dest] = _take(g["value"], runs)
+                        out[c][1][dest] = _take(g["state"], runs)
+                        if "big_row" in g:
+                            where = dict(zip(src.tolist(), dest.tolist()))
+                            for r, v in zip(g["big_row"][()].tolist(), _strings(g["big_value"])):
+                                if r in where:
+                                    out[c][2][where[r]] = int(v)
+                    elif kind == "ids":
+                        lens = g["len"][()]
+                        first = np.r_[0, np.cumsum(lens)].astype(np.int64)
+                        vals = _take(g["value"], _runs(first[starts], first[starts + cnts] - first[starts]))
+                        pieces = np.split(vals, np.cumsum(lens[src])[:-1]) if len(src) else []
+                        for d, p in zip(dest.tolist(), pieces):  # one by one: numpy would broadcast lists
+                            out[c][d] = p.tolist()
+                    else:
+                        out[c][dest] = _read_text(g, rows["j"].to_numpy(), cnts, _take(g["len"], runs))
+        return out, kinds
+
+
+def _int_column(value: np.ndarray, state: np.ndarray, big: dict[int, int]) -> Any:
+    if big:  # beyond int64: Python ints in an object column
+        out = value.astype(object)
+        out[state == STATE_NONE] = None
+        for i, v in big.items():
+            out[i] = v
+        return out
+    return pd.arrays.IntegerArray(value, state == STATE_NONE)
+
+
+def _to_frame(out: dict[str, Any], kinds: dict[str, str]) -> pd.DataFrame:
+    data = {c: out[c] for c in META_COLUMNS}
+    for c, kind in kinds.items():
+        data[c] = _int_column(*out[c]) if kind == "int" else out[c]
+    df = pd.DataFrame(data)
+    return df.astype({"step": np.int64, "rank": np.int64, "time": np.float64, "attempt_seq": np.int64})
+
+
+def _records(out: dict[str, Any], kinds: dict[str, str]) -> Iterator[dict]:
+    cols: dict[str, list] = {c: out[c].tolist() for c in META_COLUMNS}
+    for c, kind in kinds.items():
+        if kind == "int":
+            value, state, big = out[c]
+            col = [None if s == STATE_NONE else v for v, s in zip(value.tolist(), state.tolist())]
+            for i, v in big.items():
+                col[i] = v
+            cols[c] = col
+        else:
+            cols[c] = out[c].tolist()
+    names = list(cols)
+    for row in zip(*cols.values()):
+        yield dict(zip(names, row))
+
+
+def run_trace_dir(run_dir: Path, cfg: RunConfig) -> Path:
+    """Where a run's traces are: ``cfg.trace_dir``, taken relative to ``run_dir`` when it is the default
+    ``<run dir>/traces`` (the run may have been moved or be read from elsewhere)."""
+    try:
+        return Path(run_dir) / cfg.trace_dir.relative_to(cfg.run_dir)
+    except ValueError:  # traces.dir or $SCRATCH: an absolute place of its own
+        return cfg.trace_dir
+
+
+def _trace_dir(path: Path) -> Path:
+    """A trace directory from a trace or run directory (its config's ``RunConfig.trace_dir``, else
+    ``<run>/traces``)."""
+    if (path / "pending").is_dir() or (path / ".staging").is_dir() or any(path.glob("*.h5")):
+        return path
+    if (path / "config.yaml").is_file():
+        configured = run_trace_dir(path, load_config(path / "config.yaml"))
+        if configured.is_dir():
+            return configured
+    if (path / "traces").is_dir():  # a moved run keeps its traces beside it
+        return path / "traces"
+    if path.is_dir() and path.name == "traces":
+        return path
+    raise TraceError(f"no traces in {path}: expected a trace directory or a run directory with traces/")
+
+
+def open(path: str | Path) -> Traces:  # noqa: A001  (the module's reader, used as ``traces.open``)
+    """The traces of a run: ``path`` is a trace directory or a run directory."""
+    return Traces(_trace_dir(Path(path)))
