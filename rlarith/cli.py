@@ -112,6 +112,23 @@ def _add_submit_parsers(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_status)
 
 
+# ---- doctor (rlarith.doctor) --------------------------------------------------------------------------
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from rlarith.doctor import doctor
+
+    return doctor(load_config(args.config, args.overrides))
+
+
+def _add_doctor_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "doctor", help="can this machine or image run this config? one OK/WARN/FAIL line per check"
+    )
+    _config_args(p)
+    p.set_defaults(func=cmd_doctor)
+
+
 # ---- eval / compare (rlarith.evaluate) ----------------------------------------------------------------
 
 
@@ -255,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_init_model)
     _add_submit_parsers(sub)  # submit / status
+    _add_doctor_parser(sub)  # doctor
     _add_eval_parsers(sub)  # eval / compare
     _add_traces_parsers(sub)  # traces summary / export / plot
     return parser
