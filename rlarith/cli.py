@@ -118,7 +118,9 @@ def _add_submit_parsers(sub: argparse._SubParsersAction) -> None:
 def cmd_doctor(args: argparse.Namespace) -> int:
     from rlarith.doctor import doctor
 
-    return doctor(load_config(args.config, args.overrides))
+    # No config at all: check the machine only (the image's %test); with one, the run too.
+    given = args.config is not None or bool(args.overrides)
+    return doctor(load_config(args.config, args.overrides), config_given=given)
 
 
 def _add_doctor_parser(sub: argparse._SubParsersAction) -> None:

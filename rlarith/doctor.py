@@ -141,8 +141,9 @@ def deepspeed_ops_needed(cfg: RunConfig, on_cpu: bool) -> list[tuple[str, str]]:
     return needed
 
 
-def check_deepspeed(cfg: RunConfig) -> Check:
-    if cfg.training.deepspeed == "none":
+def check_deepspeed(cfg: RunConfig | None) -> Check:
+    """With a config: the ops it needs. Without one: whether DeepSpeed imports and which ops are prebuilt."""
+    if cfg is not None and cfg.training.deepspeed == "none":
         return ok("deepspeed", "not used by this config (training.deepspeed=none)")
     logging.disable(logging.WARNING)  # DeepSpeed announces its accelerator choice as a warning
     try:
@@ -156,26 +157,37 @@ def check_deepspeed(cfg: RunConfig) -> Check:
         return fail("deepspeed", f"does not import ({type(err).__name__}: {err}); reinstall it")
     finally:
         logging.disable(logging.NOTSET)
-    needed = deepspeed_ops_needed(cfg, on_cpu=accelerator.device_name() == "cpu")
+    device = accelerator.device_name()
+    if cfg is None:
+        prebuilt = sorted(name for name, built in installed_ops.items() if built)
+        return ok(
+            "deepspeed", f"imports, {device} accelerator; prebuilt ops: {', '.join(prebuilt) or 'none'}"
+        )
+    needed = deepspeed_ops_needed(cfg, on_cpu=device == "cpu")
     if not needed:
-        return ok("deepspeed", f"{accelerator.device_name()} accelerator; this config needs no compiled op")
+        return ok("deepspeed", f"{device} accelerator; this config needs no compiled op")
     flavour = f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu"
     cache = Path(get_default_build_root()) / f"py{sys.version_info.major}{sys.version_info.minor}_{flavour}"
+    missing_tools = _jit_toolchain(cuda=device != "cpu")
     parts, jit, broken = [], [], []
     for cls, why in needed:
         builder = accelerator.create_op_builder(cls)
         if builder is None:
-            broken.append(f"{cls} (none for the {accelerator.device_name()} accelerator)")
+            broken.append(f"{cls} (none for the {device} accelerator)")
         elif installed_ops.get(builder.NAME):
             parts.append(f"{builder.NAME} prebuilt")
         elif any((cache / builder.NAME).glob("*.so")):
             parts.append(f"{builder.NAME} JIT-built in {cache / builder.NAME}")
-        elif builder.is_compatible(verbose=False) and shutil.which("ninja") is not None:
-            jit.append(f"{builder.NAME} ({why})")
+        elif missing_tools or not builder.is_compatible(verbose=False):
+            broken.append(
+                f"{builder.NAME} ({why}): not prebuilt, and no JIT build here ({missing_tools or 'incompatible'})"
+            )
         else:
-            broken.append(f"{builder.NAME} ({why}): not prebuilt and cannot be JIT-compiled here")
+            jit.append(f"{builder.NAME} ({why})")
     if broken:
-        return fail("deepspeed", "; ".join(broken + parts) + "; use an image with the op prebuilt")
+        return fail(
+            "deepspeed", "; ".join(broken + parts) + "; use an image with the op prebuilt (Containerfile)"
+        )
     if jit:
         return warn(
             "deepspeed",
@@ -183,6 +195,16 @@ def check_deepspeed(cfg: RunConfig) -> Check:
             f"cache {cache}, set TORCH_EXTENSIONS_DIR to keep it)" + "".join(f"; {p}" for p in parts),
         )
     return ok("deepspeed", "; ".join(parts))
+
+
+def _jit_toolchain(cuda: bool) -> str | None:
+    """What a JIT build of a DeepSpeed op would lack here (None: nothing)."""
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    lacking = [tool for tool in ("ninja", os.environ.get("CXX", "c++")) if shutil.which(tool) is None]
+    if cuda and not (CUDA_HOME and (Path(CUDA_HOME) / "bin" / "nvcc").is_file()):
+        lacking.append("nvcc")
+    return f"no {', '.join(lacking)}" if lacking else None
 
 
 # ------------------------------------------------------------------------------------------ the cluster
@@ -404,32 +426,40 @@ def check_grace(cfg: RunConfig) -> Check:
 # ------------------------------------------------------------------------------------------ all of it
 
 
-def checks(cfg: RunConfig) -> Iterator[Check]:
-    """Every check, in order; each one runs when asked for (so lines appear as they finish)."""
+def checks(cfg: RunConfig, config_given: bool = True) -> Iterator[Check]:
+    """Every check, in order; each one runs when asked for (so lines appear as they finish). Without a
+    config only the machine is checked: the stack, GPUs, DeepSpeed and SLURM."""
     steps: list[Callable[[], Check]] = [
         check_versions,
         lambda: check_gpus(cfg),
-        lambda: check_deepspeed(cfg),
+        lambda: check_deepspeed(cfg if config_given else None),
         lambda: check_slurm(cfg),
-        lambda: check_container(cfg),
-        lambda: check_run_dir(cfg),
-        lambda: check_trace_dir(cfg),
-        lambda: check_model(cfg),
-        lambda: check_grace(cfg),
     ]
+    if config_given:
+        steps += [
+            lambda: check_container(cfg),
+            lambda: check_run_dir(cfg),
+            lambda: check_trace_dir(cfg),
+            lambda: check_model(cfg),
+            lambda: check_grace(cfg),
+        ]
     for step in steps:
         yield step()
 
 
-def doctor(cfg: RunConfig, out: Callable[[str], None] = print) -> int:
+def doctor(cfg: RunConfig, config_given: bool = True, out: Callable[[str], None] = print) -> int:
     """Print every check; 1 when any FAILed, else 0."""
     failed = 0
-    for check in checks(cfg):
+    for check in checks(cfg, config_given):
         out(str(check))
         failed += check.status == "FAIL"
-    out(
-        f"FAIL: {failed} check(s) block a run of {cfg.name!r}"
-        if failed
-        else f"OK: nothing blocks a run of {cfg.name!r}"
-    )
+    if failed:
+        out(f"FAIL: {failed} check(s) block a run" + (f" of {cfg.name!r}" if config_given else ""))
+    elif config_given:
+        out(f"OK: nothing blocks a run of {cfg.name!r}")
+    else:
+        out(
+            "OK: this machine can run rlarith; `rlarith doctor -c CONFIG` also checks a run's model, folders "
+            "and grace budget"
+        )
     return 1 if failed else 0

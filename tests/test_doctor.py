@@ -40,6 +40,16 @@ def test_a_good_config_passes_and_every_check_reports(model, tmp_path) -> None:
     assert not (tmp_path / "runs").exists(), "doctor creates nothing"
 
 
+def test_without_a_config_only_the_machine_is_checked() -> None:
+    """What the image's %test and build run: no model or run folders exist there, and none are needed."""
+    result = cli(["doctor"])
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert [line[5:15].strip() for line in lines[:-1]] == ["versions", "gpus", "deepspeed", "slurm"]
+    assert lines[2].startswith("OK   deepspeed imports") and "WARNING" not in result.stdout + result.stderr
+    assert lines[-1].startswith("OK: this machine can run rlarith")
+
+
 def test_a_missing_model_path_fails_with_exit_1(tmp_path) -> None:
     result = cli(
         ["doctor", "-c", "configs/default.yaml", f"model.path={tmp_path / 'nope'}", f"runs_dir={tmp_path}"]
