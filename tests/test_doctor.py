@@ -11,7 +11,7 @@ import pytest
 
 from conftest import REPO, cli
 from rlarith.config import load_config
-from rlarith.doctor import SAVE_LINE, deepspeed_ops_needed, doctor, measured_times
+from rlarith.doctor import SAVE_LINE, check_grace, deepspeed_ops_needed, doctor, measured_times
 
 NAMES = ("versions", "gpus", "deepspeed", "slurm", "container", "run dir", "traces", "model", "grace")
 
@@ -153,11 +153,10 @@ def test_grace_budget_is_measured_from_a_real_run(model, tmp_path) -> None:
     assert good.returncode == 0, good.stdout + good.stderr
     (grace,) = [x for x in good.stdout.splitlines() if x.startswith("OK   grace")]
     assert f"one step {step:.2f} s + one save {save:.2f} s" in grace
-    (ds,) = [x for x in good.stdout.splitlines() if " deepspeed " in x]
+    (ds,) = [x for x in good.stdout.splitlines() if x[5:15].strip() == "deepspeed"]
     assert ds.startswith("OK") and "deepspeed_shm_comm" in ds, "the op this run just JIT-built is found"
 
-    tight = cli(["doctor", *common, "slurm.signal_delay_s=0"])
-    assert tight.returncode == 1
-    assert any(
-        x.startswith("FAIL grace") and "raise slurm.signal_delay_s" in x for x in tight.stdout.splitlines()
+    tight = check_grace(
+        load_config(REPO / "configs" / "default.yaml", [*common[2:], "slurm.signal_delay_s=0"])
     )
+    assert tight.status == "FAIL" and "raise slurm.signal_delay_s" in tight.detail
