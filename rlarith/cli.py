@@ -22,7 +22,15 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     from rlarith import data
 
     cfg = load_config(args.config, args.overrides)
-    report = data.check(cfg, Path(args.out) if args.out else None)
+    exclude: set[str] = set()
+    if args.exclude_traces:  # a run's traced problems (rlarith.contamination's refusal names this fix)
+        from rlarith.contamination import trained_keys
+
+        run = Path(args.exclude_traces)
+        exclude = trained_keys(
+            run, load_config(run / "config.yaml") if (run / "config.yaml").is_file() else cfg
+        )
+    report = data.check(cfg, Path(args.out) if args.out else None, exclude_keys=exclude)
     print(
         f"task: {cfg.task.digits_a}-digit {cfg.task.op} {cfg.task.digits_b}-digit, {report.space:,} problems"
     )
@@ -32,8 +40,16 @@ def cmd_data_check(args: argparse.Namespace) -> int:
         f"overlap val/train: {report.overlap_val_train}  test/train: {report.overlap_test_train}  "
         f"val/test: {report.overlap_val_test}"
     )
+    if exclude:
+        print(
+            f"excluded {len(exclude):,} problems {args.exclude_traces} can have trained on (config and traces)"
+        )
     for split, path in report.files.items():
         print(f"wrote {split}: {path}")
+    if not report.files:
+        print(
+            f"not written (pass --out DIR to write them, e.g. --out {cfg.run_dir / 'data'}, where eval reads them)"
+        )
     overlaps = report.overlap_val_train + report.overlap_test_train + report.overlap_val_test
     return 1 if overlaps else 0
 
@@ -147,7 +163,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         seed=args.seed,
     )
-    results = ev.run_eval(target, settings, force=args.force, all_checkpoints=args.all_checkpoints)
+    try:
+        results = ev.run_eval(target, settings, force=args.force, all_checkpoints=args.all_checkpoints)
+    except ev.Contaminated as err:  # a refusal to score, not a mistake in the config
+        print(f"rlarith: contamination refusal: {err}", file=sys.stderr)
+        return 2
+    except ev.TracesUnreadable as err:
+        print(f"rlarith: unreadable traces: {err}", file=sys.stderr)
+        return 2
     print(ev.markdown_table(results), end="")
     return 0
 
@@ -191,23 +214,37 @@ def _add_eval_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_traces(args: argparse.Namespace) -> int:
+    import warnings
+
     from rlarith import traces
+    from rlarith.traces.report import default_output
 
     try:
-        tr = traces.open(args.run)
-        if args.traces_command == "summary":
-            print(traces.format_summary(tr.summary(), rows=args.rows))
-            return 0
-        if args.traces_command == "export":
-            out = Path(args.out) if args.out else tr.directory.with_suffix(f".{args.format}")
-            traces.export(tr, out, args.format, all_attempts=args.all_attempts)
-        else:
-            out = traces.plot(tr, Path(args.out) if args.out else tr.directory.with_suffix(".png"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # damaged files: reported below, once each, as tr.skipped
+            tr = traces.open(args.run)
+            if args.traces_command == "summary":
+                print(traces.format_summary(tr.summary(), rows=args.rows))
+                out = None
+            elif args.traces_command == "export":
+                out = Path(args.out) if args.out else default_output(tr, f"traces.{args.format}")
+                traces.export(tr, out, args.format, all_attempts=args.all_attempts)
+            else:
+                out = traces.plot(tr, Path(args.out) if args.out else default_output(tr, "traces.png"))
     except traces.TraceError as err:
         print(f"rlarith: {err}", file=sys.stderr)
         return 2
-    print(f"wrote {out}")
-    return 0
+    if out is not None:
+        print(f"wrote {out}")
+    for path, reason in tr.skipped:
+        print(f"rlarith: warning: skipped damaged trace file {path}: {reason}", file=sys.stderr)
+    if tr.skipped:
+        print(
+            f"rlarith: {len(tr.skipped)} trace file(s) skipped: the numbers above leave out their steps "
+            "(exit status 1).",
+            file=sys.stderr,
+        )
+    return 1 if tr.skipped else 0
 
 
 def _add_traces_parsers(sub: argparse._SubParsersAction) -> None:
@@ -216,19 +253,19 @@ def _add_traces_parsers(sub: argparse._SubParsersAction) -> None:
     )
     run_help = "a run directory or a trace directory"
 
-    p = tsub.add_parser("summary", help="steps, samples, bytes, compression, reward and accuracy by step")
+    p = tsub.add_parser("summary", help="steps, samples, bytes, resumes, damaged files, reward by step")
     p.add_argument("run", metavar="RUN", help=run_help)
     p.add_argument("--rows", type=int, default=40, help="steps shown in the per-step table (0: all)")
 
     p = tsub.add_parser("export", help="the default view (each step once) as Parquet or JSONL")
     p.add_argument("run", metavar="RUN", help=run_help)
     p.add_argument("--format", choices=("parquet", "jsonl"), default="parquet")
-    p.add_argument("--out", default=None, help="output file (default: traces.<format> beside the trace dir)")
+    p.add_argument("--out", default=None, help="output file (default: <run>/exports/traces.<format>)")
     p.add_argument("--all-attempts", action="store_true", help="every attempt's copy of re-run steps")
 
     p = tsub.add_parser("plot", help="PNG: rewards, accuracy, extraction failures, completion length")
     p.add_argument("run", metavar="RUN", help=run_help)
-    p.add_argument("--out", default=None, help="PNG path (default: traces.png beside the trace dir)")
+    p.add_argument("--out", default=None, help="PNG path (default: <run>/exports/traces.png)")
     for p in tsub.choices.values():
         p.set_defaults(func=cmd_traces)
 
@@ -249,7 +286,15 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="problem sets").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("check", help="build held-out sets, verify they never overlap training, write them")
     _config_args(p)
-    p.add_argument("--out", default=None, help="where to write val/test JSONL (default: <run dir>/data)")
+    p.add_argument(
+        "--out", default=None, help="write val/test JSONL here (e.g. <run dir>/data; default: none)"
+    )
+    p.add_argument(
+        "--exclude-traces",
+        default=None,
+        metavar="RUN",
+        help="leave out every problem RUN can have trained on (its config's stream and its traces)",
+    )
     p.set_defaults(func=cmd_data_check)
 
     p = sub.add_parser("train", help="GRPO training; resumes from the run's latest valid checkpoint")

@@ -3,6 +3,11 @@
 Every problem the run can have trained on (its config's whole data stream, plus whatever its traces
 recorded, which also covers a run whose config changed mid-way) is compared with the held-out keys. An
 overlap refuses the evaluation (``Contaminated``, exit status 2) unless forced; a forced result records it.
+The fix the refusal names, ``rlarith data check --exclude-traces RUN``, rebuilds the held-out sets
+without what the traces show (``rlarith.data.heldout``'s ``exclude_keys``).
+
+Traces that cannot be read in full (a truncated shard, a damaged chunk or journal record) may have held
+a held-out problem, so they refuse the evaluation too (``TracesUnreadable``), naming the files.
 """
 
 from __future__ import annotations
@@ -19,27 +24,48 @@ class Contaminated(ConfigError):
     """Held-out problems overlap what the run can have trained on; scoring them would flatter the model."""
 
 
-def _trace_keys(trace_dir: Path) -> set[str]:
-    if not trace_dir.is_dir() or not any(trace_dir.iterdir()):
-        return set()
+class TracesUnreadable(ConfigError):
+    """Some of the run's trace files cannot be read: the problems they held are unknown."""
+
+
+def stream_keys(cfg: RunConfig) -> set[str]:
+    """Keys of every problem the config's data stream can produce over the whole run."""
+    stream = TrainProblems(make_task(cfg.task), cfg.data, cfg.training.seed)
+    return stream.seen_keys(cfg.training.max_steps * cfg.training.prompts_per_step)
+
+
+def traced_keys(run_dir: Path, cfg: RunConfig) -> tuple[set[str], list[tuple[Path, str]]]:
+    """Every problem key the run's traces recorded (all attempts and ranks), and the trace files that
+    could not be read in full, with the reason. Both the config's trace directory and ``<run>/traces``
+    (a moved run keeps its traces beside it) are read."""
     # Imported here: h5py and pandas are only needed when there are traces to read. No fallback on an
     # ImportError: a check that silently skipped the traces would pass contaminated sets.
+    import warnings
+
     from rlarith.traces import open as open_traces
-
-    return set(open_traces(trace_dir).seen_keys())
-
-
-def trained_keys(run_dir: Path, cfg: RunConfig) -> set[str]:
-    """Keys of every problem the run can have trained on: its whole configured data stream, plus every
-    problem its traces recorded (which also covers a run whose config changed mid-way)."""
     from rlarith.traces import run_trace_dir
 
-    stream = TrainProblems(make_task(cfg.task), cfg.data, cfg.training.seed)
-    keys = stream.seen_keys(cfg.training.max_steps * cfg.training.prompts_per_step)
-    # The trace dir of the config may be elsewhere ($SCRATCH); a moved run keeps its traces/ beside it.
+    keys: set[str] = set()
+    skipped: list[tuple[Path, str]] = []
     for trace_dir in dict.fromkeys([Path(run_dir) / "traces", run_trace_dir(run_dir, cfg)]):
-        keys |= _trace_keys(trace_dir)
-    return keys
+        if not trace_dir.is_dir() or not any(trace_dir.iterdir()):
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the skipped files are returned, and the caller decides
+            tr = open_traces(trace_dir)
+            tr.verify()
+            keys |= tr.seen_keys()
+        skipped += tr.skipped
+    return keys, skipped
+
+
+def trained_keys(run_dir: Path, cfg: RunConfig, force: bool = False) -> set[str]:
+    """Keys of every problem the run can have trained on: its whole configured data stream, plus every
+    problem its traces recorded. Unreadable trace files raise ``TracesUnreadable`` unless ``force``."""
+    keys, skipped = traced_keys(run_dir, cfg)
+    if skipped and not force:
+        raise unreadable_error(skipped, run_dir)
+    return stream_keys(cfg) | keys
 
 
 def check_contamination(problems: Sequence[Problem], trained: set[str]) -> list[Problem]:
@@ -49,9 +75,22 @@ def check_contamination(problems: Sequence[Problem], trained: set[str]) -> list[
 
 def contamination_error(overlap: Sequence[Problem], total: int, source: str, run_dir: Path) -> Contaminated:
     examples = ", ".join(repr(p.question) for p in overlap[:5])
+    run = Path(run_dir)
     return Contaminated(
         f"{len(overlap)} of {total} held-out problems in {source} could have been trained on by "
-        f"{str(run_dir)!r} (e.g. {examples}); scores on them would flatter the model. Rebuild the held-out "
-        f"sets with `rlarith data check -c {Path(run_dir) / 'config.yaml'} --out {Path(run_dir) / 'data'}`, "
-        "or pass --force to score anyway (the result records the overlap)."
+        f"{str(run)!r} (e.g. {examples}); scores on them would flatter the model. Rebuild the held-out "
+        "sets without anything the run's config or traces can have trained on: "
+        f"`rlarith data check -c {run / 'config.yaml'} --exclude-traces {run} --out {run / 'data'}`, then "
+        "evaluate again; or pass --force to score anyway (the result records the overlap)."
+    )
+
+
+def unreadable_error(skipped: Sequence[tuple[Path, str]], run_dir: Path) -> TracesUnreadable:
+    files = "; ".join(f"{path} ({reason})" for path, reason in skipped[:5])
+    more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+    return TracesUnreadable(
+        f"{len(skipped)} trace file(s) of {str(Path(run_dir))!r} cannot be read in full: {files}{more}. "
+        "The steps in them may have trained on held-out problems, so the contamination check cannot "
+        "vouch for the held-out set. Restore the files from a copy if there is one (`rlarith traces "
+        "summary RUN` lists them), or pass --force to score anyway (the result records the files)."
     )

@@ -208,20 +208,24 @@ def read_problems(path: Path) -> list[Problem]:
         return [Problem(**json.loads(line)) for line in fh if line.strip()]
 
 
-def check(cfg: RunConfig, out_dir: Path | None = None) -> DataReport:
-    """``rlarith data check``: build the held-out sets, verify disjointness, write them to ``out_dir``."""
+def check(cfg: RunConfig, out_dir: Path | None = None, exclude_keys: Iterable[str] = ()) -> DataReport:
+    """``rlarith data check``: build the held-out sets without anything in training (nor in
+    ``exclude_keys``, e.g. what a run's traces show it trained on), verify disjointness, and write them
+    to ``out_dir`` when one is given (nothing is written otherwise)."""
     task = make_task(cfg.task)
     stream = TrainProblems(task, cfg.data, cfg.training.seed)
     prompts = cfg.training.max_steps * cfg.training.prompts_per_step
     stream.check_capacity(prompts)
-    val = heldout(task, cfg.data, "val", cfg.data.val_size)
-    test = heldout(task, cfg.data, "test", cfg.data.test_size)
-    seen = stream.seen_keys(prompts)
+    exclude = set(exclude_keys)
+    val = heldout(task, cfg.data, "val", cfg.data.val_size, exclude)
+    test = heldout(task, cfg.data, "test", cfg.data.test_size, exclude)
+    seen = stream.seen_keys(prompts) | exclude
     val_keys, test_keys = {p.key for p in val}, {p.key for p in test}
-    out_dir = Path(out_dir) if out_dir is not None else cfg.run_dir / "data"
-    files = {"val": str(out_dir / "val.jsonl"), "test": str(out_dir / "test.jsonl")}
-    write_problems(val, Path(files["val"]))
-    write_problems(test, Path(files["test"]))
+    files = {}
+    if out_dir is not None:
+        files = {"val": str(Path(out_dir) / "val.jsonl"), "test": str(Path(out_dir) / "test.jsonl")}
+        write_problems(val, Path(files["val"]))
+        write_problems(test, Path(files["test"]))
     return DataReport(
         space=task.size,
         train_distinct=stream.distinct,

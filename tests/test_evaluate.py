@@ -3,6 +3,7 @@ eval/compare CLI on real run directories (config.yaml from save_config, checkpoi
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,12 +14,13 @@ import torch
 from rlarith.answers import extract_answer
 from rlarith.cli import main
 from rlarith.config import ConfigError, RunConfig, load_config, save_config
-from rlarith.data import TrainProblems, heldout, make_task, write_problems
+from rlarith.data import TrainProblems, heldout, make_task, read_problems, write_problems
 from rlarith.evaluate import (
     ERROR_KINDS,
     EvalResult,
     check_contamination,
     evaluate_model,
+    load_metrics,
     score_completions,
     trained_keys,
     wilson_interval,
@@ -297,3 +299,100 @@ def test_cli_subprocess_exit_status(tmp_path, base_model):
     ok = subprocess.run(cmd + ["--n", "2"], **kw)
     assert ok.returncode == 0, ok.stderr
     assert "| 1 | checkpoint-1 | val | 2 x 1 |" in ok.stdout
+
+
+# ---- refusals that name their fix ------------------------------------------------------------------------
+
+
+def traced_run(tmp_path: Path, base_model: Path, name: str) -> tuple[RunConfig, list[Problem]]:
+    """A run whose traces show it trained on two problems of the held-out set its config builds."""
+    from rlarith.config import TraceConfig
+    from rlarith.traces import TraceWriter
+
+    cfg = make_run(tmp_path, name, base_model, steps=(1,))
+    cfg = load_config(
+        cfg.run_dir / "config.yaml", ["data.test_size=50"]
+    )  # the 2-digit task's test bucket is small
+    save_config(cfg, cfg.run_dir / "config.yaml")
+    val = heldout(make_task(cfg.task), cfg.data, "val", cfg.data.val_size)
+    with TraceWriter(
+        cfg.run_dir / "traces", run_id="r", rank=0, attempt="a", attempt_seq=0, cfg=TraceConfig()
+    ) as w:
+        for step, p in enumerate((val[1], val[4]), start=1):
+            w.write_step(step, {"key": [p.key], "prompt": ["p"], "completion": ["c"]})
+    return cfg, val
+
+
+def test_the_contamination_refusal_names_a_fix_that_works(tmp_path, base_model, capsys):
+    """The refusal is labelled as one, and the command it suggests rebuilds the held-out set without
+    what the traces show, after which the same eval runs clean."""
+    cfg, val = traced_run(tmp_path, base_model, "leaky")
+    assert main(["eval", str(cfg.run_dir), "--n", "6"]) == 2
+    err = capsys.readouterr().err
+    assert "rlarith: contamination refusal: 2 of 6 held-out problems" in err and "config error" not in err
+    fix = re.search(r"`(rlarith data check [^`]+)`", err).group(1)
+    assert main(fix.split()[1:]) == 0  # the suggested command, as printed
+    out = capsys.readouterr().out
+    assert "excluded" in out and f"wrote val: {cfg.run_dir / 'data' / 'val.jsonl'}" in out
+    rebuilt = read_problems(cfg.run_dir / "data" / "val.jsonl")
+    assert len(rebuilt) == cfg.data.val_size and not {val[1].key, val[4].key} & {p.key for p in rebuilt}
+    assert main(["eval", str(cfg.run_dir), "--n", "6"]) == 0
+    saved = json.loads((cfg.run_dir / "eval" / "val-step1.json").read_text())
+    assert saved["contaminated"] == 0 and saved["unreadable_traces"] == []
+
+
+def test_unreadable_traces_refuse_the_eval_unless_forced(tmp_path, base_model, capsys):
+    """A truncated shard may have held a held-out problem: eval refuses, naming the file; --force scores
+    and records the file in the result."""
+    cfg, _ = traced_run(tmp_path, base_model, "torn")
+    write_problems(
+        heldout(make_task(cfg.task), cfg.data, "val", 30)[10:16], cfg.run_dir / "data" / "val.jsonl"
+    )
+    (shard,) = (cfg.run_dir / "traces").glob("*.h5")
+    with open(shard, "r+b") as fh:  # the lost steps held val[1] and val[4]; this set has neither
+        fh.truncate(shard.stat().st_size // 2)
+    assert main(["eval", str(cfg.run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "rlarith: unreadable traces:" in err and str(shard) in err and "--force" in err
+    assert not (cfg.run_dir / "eval").exists()
+    assert main(["eval", str(cfg.run_dir), "--force"]) == 0
+    saved = json.loads((cfg.run_dir / "eval" / "val-step1.json").read_text())
+    assert saved["unreadable_traces"] == [str(shard)] and saved["contaminated"] == 0
+    assert "unreadable traces: 1" in capsys.readouterr().out
+
+
+def test_data_check_writes_only_where_asked(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = ROOT / "configs" / "positive_control.yaml"
+    assert main(["data", "check", "-c", str(config)]) == 0
+    assert list(tmp_path.iterdir()) == []  # no runs/positive_control/ as a side effect
+    assert "not written (pass --out DIR" in capsys.readouterr().out
+    assert main(["data", "check", "-c", str(config), "--out", str(tmp_path / "sets")]) == 0
+    assert sorted(p.name for p in (tmp_path / "sets").iterdir()) == ["test.jsonl", "val.jsonl"]
+
+
+def test_compare_names_missing_runs_and_says_how_to_fill_empty_ones(
+    tmp_path, evaluated_run, base_model, capsys
+):
+    cfg, _ = evaluated_run
+    nope = tmp_path / "nope"
+    assert main(["compare", str(cfg.run_dir), str(nope), "--out", str(tmp_path / "c.png")]) == 2
+    assert repr(str(nope)) in capsys.readouterr().err
+    fresh = make_run(tmp_path, "fresh", base_model)
+    (fresh.run_dir / "metrics.jsonl").write_text(
+        "".join(
+            json.dumps({"step": s, "reward": r}) + "\n"
+            for s, r in ((1, 0.1), (2, 0.9), (3, 0.9), (2, 0.2), (3, 0.3))
+        )
+    )  # a resume from step 1 re-ran steps 2-3: the final history is 0.1, 0.2, 0.3
+    assert load_metrics(fresh.run_dir) == [
+        {"step": 1, "reward": 0.1},
+        {"step": 2, "reward": 0.2},
+        {"step": 3, "reward": 0.3},
+    ]
+    assert main(["compare", str(cfg.run_dir), str(fresh.run_dir), "--out", str(tmp_path / "c.png")]) == 0
+    row = next(line for line in (tmp_path / "c.md").read_text().splitlines() if line.startswith("| fresh |"))
+    assert (
+        f"not evaluated: `rlarith eval {fresh.run_dir} --all-checkpoints --split val`" in row
+        and "0.300 (3)" in row
+    )

@@ -6,7 +6,13 @@ generation with a model directory), ``reports`` (JSON, markdown, plots, ``compar
 itself lives with the held-out sets, in ``rlarith.contamination``.
 """
 
-from rlarith.contamination import Contaminated, check_contamination, contamination_error, trained_keys
+from rlarith.contamination import (
+    Contaminated,
+    TracesUnreadable,
+    check_contamination,
+    contamination_error,
+    trained_keys,
+)
 from rlarith.evaluate.generation import chat_prompts, check_sampling, evaluate_model, generate, load_model
 from rlarith.evaluate.job import EvalSettings, Target, heldout_problems, resolve_target, run_eval
 from rlarith.evaluate.reports import (
@@ -34,6 +40,7 @@ __all__ = [
     "EvalResult",
     "EvalSettings",
     "Target",
+    "TracesUnreadable",
     "chat_prompts",
     "check_contamination",
     "check_sampling",

@@ -18,7 +18,13 @@ from typing import Any
 
 from rlarith.checkpoints import COMPLETE, step_of, valid_checkpoints
 from rlarith.config import ConfigError, RunConfig, load_config
-from rlarith.contamination import check_contamination, contamination_error, trained_keys
+from rlarith.contamination import (
+    check_contamination,
+    contamination_error,
+    stream_keys,
+    traced_keys,
+    unreadable_error,
+)
 from rlarith.data import heldout, make_task, read_problems
 from rlarith.evaluate.generation import check_sampling, evaluate_model
 from rlarith.evaluate.reports import markdown_table, plot_over_steps, write_atomic, write_result
@@ -132,7 +138,12 @@ def run_eval(
     problems, source = heldout_problems(target.run_dir, target.cfg, s.split, s.n)
     if len(problems) < s.n:
         log(f"note: {source} holds {len(problems)} problems; scoring all of them (asked for {s.n})")
-    overlap = check_contamination(problems, trained_keys(target.run_dir, target.cfg))
+    traced, unreadable = traced_keys(target.run_dir, target.cfg)
+    if unreadable and not force:
+        raise unreadable_error(unreadable, target.run_dir)
+    for path, reason in unreadable:
+        log(f"warning: --force: trace file {path} is unreadable ({reason}); its problems are unknown")
+    overlap = check_contamination(problems, stream_keys(target.cfg) | traced)
     if overlap and not force:
         raise contamination_error(overlap, len(problems), source, target.run_dir)
     if overlap:
@@ -172,6 +183,7 @@ def run_eval(
             step=step,
         )
         result.contaminated = len(overlap)
+        result.unreadable_traces = [str(path) for path, _ in unreadable]
         log(f"wrote {write_result(result, eval_dir)}")
         results.append(result)
     if all_checkpoints:

@@ -40,6 +40,7 @@ def markdown_table(results: Sequence[EvalResult]) -> str:
     for r in results:
         step = "-" if r.step is None else str(r.step)
         flag = f" (contaminated: {r.contaminated})" if r.contaminated else ""
+        flag += f" (unreadable traces: {len(r.unreadable_traces)})" if r.unreadable_traces else ""
         rows.append(
             f"| {step} | {Path(r.model).name}{flag} | {r.split} | {r.n} x {r.samples} | {r.temperature:g} "
             f"| {r.accuracy:.3f} [{r.ci95[0]:.3f}, {r.ci95[1]:.3f}] | {r.accuracy_last:.3f} "
@@ -69,27 +70,55 @@ def write_result(result: EvalResult, eval_dir: Path) -> Path:
 
 
 def plot_over_steps(series: dict[str, list[EvalResult]], path: Path, title: str = "") -> None:
-    """Held-out exact accuracy (with its Wilson band) against the training step, one line per series."""
-    fig = _figure((7, 4.2))
+    """Held-out exact accuracy (with Wilson 95% bars) against the training step, one series per run; the
+    caption says what is drawn (n, decoding, what the bars are)."""
+    fig = _figure((7.5, 4.6))
     draw_over_steps(fig.add_subplot(), series, title=title)
     _save_figure(fig, path)
 
 
+def describe(results: Sequence[EvalResult]) -> str:
+    """What a series of results is: problems per point, split and decoding.
+
+    >>> describe([EvalResult(400, 1, 0.0, "val", 1, "m", 0.5, (0.4, 0.6), 0.5, 0, 0, 0, 0, {})])
+    'n=400 val problems per point, greedy decoding (T=0)'
+    """
+    ns = sorted({r.n for r in results})
+    splits = "/".join(sorted({r.split for r in results}))
+    decodings = sorted(
+        {
+            "greedy decoding (T=0)"
+            if r.temperature == 0
+            else f"sampled (T={r.temperature:g}, {r.samples} per problem)"
+            for r in results
+        }
+    )
+    return f"n={'/'.join(map(str, ns))} {splits} problems per point, {'; '.join(decodings)}"
+
+
 def draw_over_steps(ax: Any, series: dict[str, list[EvalResult]], title: str = "", ylabel: str = "") -> None:
-    """``plot_over_steps`` on a given matplotlib axis (``compare`` draws it beside the reward)."""
+    """``plot_over_steps`` on a given matplotlib axis (``compare`` draws it beside the reward). Points are
+    the scored checkpoints, each with its interval; the dotted line only joins them (retention keeps few
+    checkpoints: a straight line between steps 1 and 195 is no measurement)."""
+    everything = []
     for label, results in series.items():
         pts = sorted((r for r in results if r.step is not None), key=lambda r: r.step)
-        steps = [r.step for r in pts]
-        line = ax.plot(steps, [r.accuracy for r in pts], marker="o", label=label)[0]
-        ax.fill_between(
-            steps, [r.ci95[0] for r in pts], [r.ci95[1] for r in pts], alpha=0.2, color=line.get_color()
-        )
+        everything += pts
+        steps, acc = [r.step for r in pts], [r.accuracy for r in pts]
+        bars = [[a - r.ci95[0] for a, r in zip(acc, pts)], [r.ci95[1] - a for a, r in zip(acc, pts)]]
+        ax.errorbar(steps, acc, yerr=bars, fmt="o", linestyle=":", linewidth=1, capsize=3, label=label)
     ax.set(
         xlabel="training step", ylabel=ylabel or "held-out exact accuracy", ylim=(-0.02, 1.02), title=title
     )
     ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(loc="best", fontsize="small")
+    if everything:
+        caption = (
+            f"{describe(everything)}; bars: Wilson 95% interval over the problems; "
+            "points: scored checkpoints (dotted lines only join them)"
+        )
+        ax.text(0, -0.16, caption, transform=ax.transAxes, fontsize=7, va="top", wrap=True)
+    if ax.get_legend_handles_labels()[0]:  # beside the axis: inside it a legend can hide points
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", borderaxespad=0)
 
 
 def _figure(size: tuple[float, float]) -> Any:
@@ -118,17 +147,21 @@ def load_results(run_dir: Path, split: str = "val") -> list[EvalResult]:
 
 
 def load_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """``metrics.jsonl`` rows; a torn last line (a run killed mid-write) is skipped."""
+    """``metrics.jsonl`` rows as the final model's history: a torn last line (a run killed mid-write) is
+    skipped, and when a step number goes back (a resume re-runs steps), the earlier rows from that step
+    on are dropped: they belong to an attempt the final model does not descend from."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return []
-    rows = []
+    rows: list[dict[str, Any]] = []
     for line in path.read_text().splitlines():
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if isinstance(row, dict) and "step" in row:
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            if rows and row["step"] < rows[-1]["step"]:
+                rows = [r for r in rows if r["step"] < row["step"]]
             rows.append(row)
     return rows
 
@@ -146,6 +179,12 @@ def compare(runs: Sequence[Path], out: Path, split: str = "val") -> str:
     ]
     fig = _figure((12, 4.2))
     ax_acc, ax_rew = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    missing = [str(r) for r in runs if not (Path(r) / "config.yaml").is_file()]
+    if missing:
+        raise ConfigError(
+            f"no run at {', '.join(repr(m) for m in missing)} (no config.yaml there); pass run directories, "
+            "e.g. runs/<name>."
+        )
     anything, accuracy = False, {}
     for run, label in zip(runs, labels):
         results, metrics = load_results(Path(run), split), load_metrics(Path(run))
@@ -163,18 +202,21 @@ def compare(runs: Sequence[Path], out: Path, split: str = "val") -> str:
             )
             accuracy[label] = results
         else:
-            rows.append(f"| {label} | 0 | - | - | - | - | - | {last_reward} |")
+            hint = f"not evaluated: `rlarith eval {run} --all-checkpoints --split {split}`"
+            rows.append(f"| {label} | 0 | {hint} | - | - | - | - | {last_reward} |")
         if rewards:
             ax_rew.plot([s for s, _ in rewards], [r for _, r in rewards], label=label, linewidth=1)
     if not anything:
         raise ConfigError(
-            "none of the runs has eval results or metrics.jsonl; run `rlarith eval RUN --all-checkpoints` first."
+            "none of the runs has eval results or metrics.jsonl yet: train them (`rlarith train`) and score "
+            "them (`rlarith eval RUN --all-checkpoints`) first."
         )
     draw_over_steps(ax_acc, accuracy, ylabel=f"held-out ({split}) exact accuracy")
-    ax_rew.set(xlabel="training step", ylabel="training reward (metrics.jsonl)")
+    fig.suptitle(f"{' vs '.join(labels)}: held-out accuracy ({split}) and training reward over steps")
+    ax_rew.set(xlabel="training step", ylabel="training reward, mean per logged step (metrics.jsonl)")
     ax_rew.grid(alpha=0.3)
     if ax_rew.get_legend_handles_labels()[0]:
-        ax_rew.legend(loc="best", fontsize="small")
+        ax_rew.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", borderaxespad=0)
     _save_figure(fig, Path(out))
     table = "\n".join(rows) + "\n"
     write_atomic(Path(out).with_suffix(".md"), table)

@@ -50,6 +50,8 @@ class EvalResult:
     (``digit_position_0`` is the units digit)."""
     contaminated: int = 0
     """Held-out problems that could have been trained on (non-zero only when forced)."""
+    unreadable_traces: list[str] = field(default_factory=list)
+    """Trace files of the run that could not be read (non-empty only when forced)."""
     records: list[dict[str, Any]] = field(default_factory=list)
     """Per completion: question, truth, completion, parsed_strict, parsed_last."""
 

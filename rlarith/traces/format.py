@@ -169,18 +169,33 @@ def unpack(payload: bytes) -> Block:
 
 
 def read_journal(path: Path) -> list[Block]:
-    """The journal's complete records, in order. A torn or damaged record (the one a kill interrupted)
-    ends it: nothing after it can have been written by the same writer."""
+    """The journal's complete records, in order (``read_journal_checked`` also says why it stopped)."""
+    return read_journal_checked(path)[0]
+
+
+def read_journal_checked(path: Path) -> tuple[list[Block], str | None]:
+    """The journal's complete records, in order, and None or the damage that ended them. A record cut
+    short by the end of the file is the one a kill interrupted: normal, nothing after it was written. A
+    record with the wrong magic or CRC is damage: the bytes from there on cannot be trusted."""
     data = path.read_bytes()
     blocks, pos = [], 0
     while pos + RECORD.size <= len(data):
         magic, n, crc = RECORD.unpack_from(data, pos)
         payload = data[pos + RECORD.size : pos + RECORD.size + n]
-        if magic != MAGIC or len(payload) != n or zlib.crc32(payload) != crc:
-            break
-        blocks.append(unpack(payload))
+        if magic == MAGIC and len(payload) < n:
+            break  # torn by a kill
+        if magic != MAGIC or zlib.crc32(payload) != crc:
+            what = "magic" if magic != MAGIC else "CRC-32"
+            return (
+                blocks,
+                f"record at byte {pos} fails its {what} check; {len(data) - pos:,} bytes from there unread",
+            )
+        try:
+            blocks.append(unpack(payload))
+        except (ValueError, KeyError, TypeError) as err:  # a CRC collision or a writer bug: still damage
+            return blocks, f"record at byte {pos} does not decode ({err})"
         pos += RECORD.size + n
-    return blocks
+    return blocks, None
 
 
 def kind_of(name: str, values: list) -> str:
@@ -235,7 +250,12 @@ class TextCodec:
         d = None
         if dict_bytes:
             d = zstandard.ZstdCompressionDict(dict_bytes, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
-        self.cctx = zstandard.ZstdCompressor(level=level, dict_data=d, write_dict_id=False)
+        self.cctx = zstandard.ZstdCompressor(
+            level=level,
+            dict_data=d,
+            write_dict_id=False,
+            write_checksum=True,  # damage shows on read
+        )
         self.dctx = zstandard.ZstdDecompressor(dict_data=d)
 
     @staticmethod
@@ -359,6 +379,7 @@ def write_shard(h5: h5py.File, block: Block) -> None:
         attempt_seq=np.int64(a["attempt_seq"]),
         seq_first=np.int64(a["seq_first"]),
         seq_last=np.int64(a["seq_last"]),
+        resume_step=np.int64(a.get("resume_step", -1)),
         zstd_level=np.int64(a["zstd_level"]),
         columns=json.dumps({n: k for n, (k, _) in block.columns.items()}),
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import builtins
 import json
-import math
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,14 +18,12 @@ if TYPE_CHECKING:
 
 
 def summary(tr: Traces) -> dict:
-    """Steps, samples, bytes on disk, compression ratio against JSONL of the same records and metrics
-    (``json.dumps`` per line, as a plain logger writes them), and reward and accuracy by step."""
+    """Steps, samples, files, bytes on disk, resumes, damaged files skipped, and reward and accuracy by step.
+    Every file is read in full first (``Traces.verify``), so damage anywhere shows in ``skipped``. The
+    compression ratio against JSON lines is a measurement, not a summary: benchmarks/traces_bench.py."""
+    tr.verify()
     default = tr.steps()
     every = tr.steps(all_attempts=True)
-    jsonl = sum(len(json.dumps(r)) + 1 for r in tr.records(all_attempts=True))
-    for r in tr.metrics(all_attempts=True).to_dict("records"):
-        r = {k: v for k, v in r.items() if not (isinstance(v, float) and math.isnan(v))}
-        jsonl += len(json.dumps(r, default=lambda o: o.item())) + 1
     size = sum(s.size for s in tr.sources)
     return {
         "directory": str(tr.directory),
@@ -34,12 +32,12 @@ def summary(tr: Traces) -> dict:
         "samples_all_attempts": int(every["count"].sum()),
         "ranks": sorted({s.rank for s in tr.sources}),
         "attempts": list(dict.fromkeys(s.attempt for s in tr.sources)),  # chronological
+        "resumes": tr.resumes(),
         "shards": sum(s.sealed for s in tr.sources),
         "journals": sum(not s.sealed for s in tr.sources),
         "bytes": size,
-        "jsonl_bytes": jsonl,
-        "compression_ratio": jsonl / size if size else math.nan,
         "bytes_per_sample": size / max(int(every["count"].sum()), 1),
+        "skipped": [(str(path), reason) for path, reason in tr.skipped],
         "by_step": tr.by_step(),
     }
 
@@ -75,67 +73,99 @@ def by_step(tr: Traces) -> pd.DataFrame:
 
 
 def export(tr: Traces, out: str | Path, fmt: str, all_attempts: bool = False) -> Path:
-    """Write the view as Parquet (one table) or JSONL (one record per line, as ``json.dumps`` writes it)."""
+    """Write the view as Parquet (one table) or JSONL (one record per line, as ``json.dumps`` writes it),
+    to a temporary name renamed when complete. Parquet: ``time`` is a UTC timestamp, and
+    ``extraction_failure`` (bool) says where ``parsed`` is null because no answer was found."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
     if fmt == "jsonl":
-        with builtins.open(out, "w") as fh:
+        with builtins.open(tmp, "w") as fh:
             for r in tr.records(all_attempts=all_attempts):
                 fh.write(json.dumps(r) + "\n")
     elif fmt == "parquet":
         df = tr.frame(all_attempts=all_attempts)
+        df["time"] = pd.to_datetime(df["time"], unit="s", utc=True)
+        if "parsed" in df:
+            df.insert(
+                df.columns.get_loc("parsed") + 1, "extraction_failure", df["parsed"].isna().astype(bool)
+            )
         for c in df.columns:  # ints beyond int64 cannot be Parquet integers: keep them exactly, as text
             if df[c].dtype == object and tr.columns.get(c) == "int":
                 df[c] = [None if v is None else str(v) for v in df[c]]
-        df.to_parquet(out, index=False)
+        df.to_parquet(tmp, index=False)
     else:
         raise TraceError(f"unknown export format {fmt!r}; use parquet or jsonl")
+    os.replace(tmp, out)
     return out
 
 
-def plot(tr: Traces, out: str | Path) -> Path:
-    """A PNG of reward components, accuracy, extraction failures and completion length over steps."""
-    import matplotlib
+def default_output(tr: Traces, name: str) -> Path:
+    """Where ``rlarith traces export|plot`` write by default: ``exports/`` beside the trace directory,
+    which is ``<run>/exports/`` for a run's own ``<run>/traces``."""
+    return tr.directory.parent / "exports" / name
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def smoothing_window(steps: int) -> int:
+    """Steps per rolling mean in plots: none up to 100 steps, then ~1/50 of the run (odd, centred)."""
+    return 1 if steps <= 100 else (steps // 50) | 1
+
+
+def plot(tr: Traces, out: str | Path) -> Path:
+    """A PNG of reward components, accuracy, extraction failures and completion length over steps; a
+    dashed line where each resume happened; long runs drawn per step (thin) and smoothed (thick)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     s = tr.by_step()
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
-    ax = axes[0, 0]
-    for c in [c for c in s.columns if c.startswith("reward")]:
-        ax.plot(s["step"], s[c], label=c)
-    ax.set_title("reward components (mean)")
-    ax.legend(fontsize=8)
-    for ax, c, title in (
-        (axes[0, 1], "accuracy", "accuracy (mean of reward/exact)"),
-        (axes[1, 0], "extraction_failure", "extraction failure rate (parsed is None)"),
-        (axes[1, 1], "completion_len", "completion length (tokens, mean)"),
-    ):
-        if c in s:
-            ax.plot(s["step"], s[c])
-        ax.set_title(title)
-    for ax in axes[1]:
-        ax.set_xlabel("step")
-    fig.suptitle(f"traces: {tr.directory}", fontsize=9)
-    fig.tight_layout()
+    window = smoothing_window(len(s))
+    fig = Figure(figsize=(11, 11))
+    FigureCanvasAgg(fig)  # no pyplot, no global backend: safe in a headless job
+    axes = fig.subplots(4, 1, sharex=True)  # one column: each legend has the right margin to itself
+    panels = [
+        (axes[0], [c for c in s.columns if c.startswith("reward")], "reward (mean per step)"),
+        (axes[1], ["accuracy"], "accuracy (share exact)"),
+        (axes[2], ["extraction_failure"], "extraction failure rate"),
+        (axes[3], ["completion_len"], "completion length\n(tokens, mean)"),
+    ]
+    resumes = tr.resumes()
+    for ax, columns, ylabel in panels:
+        for c in [c for c in columns if c in s]:
+            if window > 1:
+                line = ax.plot(s["step"], s[c], linewidth=0.6, alpha=0.35)[0]
+                smooth = s[c].rolling(window, center=True, min_periods=1).mean()
+                ax.plot(s["step"], smooth, color=line.get_color(), linewidth=1.6, label=c)
+            else:
+                ax.plot(s["step"], s[c], marker=".", label=c)
+        for k, step in enumerate(resumes.values()):
+            ax.axvline(step, color="0.3", linestyle="--", linewidth=0.9, label=None if k else "resume")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:  # beside the axis: a legend inside it can hide a line
+            ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, borderaxespad=0)
+    axes[-1].set_xlabel("step")
+    how = f"thick: rolling mean over {window} steps, thin: per step" if window > 1 else "per step"
+    where = "; ".join(f"attempt {a} resumed from step {st}" for a, st in resumes.items()) or "no resumes"
+    fig.suptitle(f"traces: {tr.directory}\n{how}; dashed: {where}", fontsize=9)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    fig.savefig(out, dpi=100, bbox_inches="tight")
     return out
 
 
 def format_summary(s: dict, rows: int = 40) -> str:
     """The summary as text; at most ``rows`` evenly spaced steps of the per-step table (0: all)."""
+    resumes = ", ".join(f"{a} from step {st}" for a, st in s["resumes"].items())
     lines = [
         f"traces: {s['directory']}",
         f"steps: {s['steps']:,}  samples: {s['samples']:,} (all attempts: {s['samples_all_attempts']:,})",
         f"ranks: {', '.join(map(str, s['ranks'])) or '-'}  attempts: {', '.join(s['attempts']) or '-'}",
+        f"resumes: {resumes or 'none'} (earlier attempts' steps after a resume point are superseded)",
         f"files: {s['shards']:,} shards, {s['journals']:,} journals  bytes on disk: {s['bytes']:,} "
         f"({s['bytes_per_sample']:.1f} per sample)",
-        f"compression: {s['compression_ratio']:.1f}x smaller than JSONL of the same records ({s['jsonl_bytes']:,} bytes)",
     ]
+    for path, reason in s["skipped"]:
+        lines.append(f"SKIPPED {path}: {reason}")
     table = s["by_step"]
     if len(table):
         if rows and len(table) > rows:

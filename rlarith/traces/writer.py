@@ -45,7 +45,7 @@ from rlarith.traces.format import (
     kind_of,
     merge,
     pack,
-    read_journal,
+    read_journal_checked,
     text_datasets,
     write_shard,
 )
@@ -64,7 +64,11 @@ class TraceWriter:
         attempt_seq: int,
         cfg: TraceConfig,
         fsync_steps: bool = False,
+        resume_step: int | None = None,
     ) -> None:
+        """``resume_step``: the step of the checkpoint this attempt resumed from (0 for a fresh start);
+        earlier attempts' steps after it are superseded in the default view. None: readers take the
+        step before this attempt's first recorded step."""
         self.directory = Path(directory)
         self.cfg = cfg
         # Records survive a killed process without fsync (the page cache outlives it); fsync_steps makes
@@ -77,6 +81,7 @@ class TraceWriter:
             "attempt": attempt,
             "attempt_seq": attempt_seq,
             "zstd_level": cfg.zstd_level,
+            "resume_step": -1 if resume_step is None else int(resume_step),
         }
         self._closed = False
         self._pending: list[Block] = []
@@ -247,7 +252,11 @@ class TraceWriter:
         by_prefix: dict[str, list[tuple[Path, list[Block]]]] = {}
         for path in sorted((self.directory / "pending").glob(rank + "*.journal")):
             prefix = path.name.rsplit(".", 2)[0]  # <prefix>.<first commit>.journal
-            by_prefix.setdefault(prefix, []).append((path, read_journal(path)))
+            blocks, damage = read_journal_checked(path)
+            by_prefix.setdefault(prefix, []).append((path, blocks))
+            if damage:  # keep the evidence: readers report the file until someone deletes it
+                warnings.warn(f"traces: {path} is damaged ({damage}); set aside as .damaged", stacklevel=3)
+                os.replace(path, path.with_suffix(".damaged"))
         for prefix, journals in by_prefix.items():
             blocks = [b for _, bs in journals for b in bs]
             if blocks and (int(blocks[0].attrs["attempt_seq"]), blocks[0].attrs["attempt"]) > mine:
@@ -257,7 +266,7 @@ class TraceWriter:
             if blocks:
                 seal_shard(self.directory, blocks, self.cfg.zstd_level)
             for path, _ in journals:
-                path.unlink()
+                path.unlink(missing_ok=True)  # a damaged one was renamed
         self._seq = max((last for _, last in _shard_seqs(self.directory, self.prefix)), default=-1) + 1
 
 
