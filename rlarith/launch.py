@@ -412,9 +412,9 @@ class TrainJob:
 
         if rc == 0:
             ended, detail = "finished", ""
-        elif rc == EXIT_STOPPED or (forwarder.received is not None and rc < 0):
-            # Stopped after a save (75), or killed by a signal that arrived after ours: either way the run
-            # is resumable from its latest valid checkpoint.
+        elif rc == EXIT_STOPPED or (forwarder.received is not None and (rc < 0 or rc > 128)):
+            # Stopped after a save (75), or killed by a signal after ours (negative, or 128 + N through a
+            # container runtime): either way the run resumes from its latest valid checkpoint.
             ended = "stopped"
             if slurm and forwarder.received_at is not None:
                 ended = why_signalled(

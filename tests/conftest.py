@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+pytest_plugins = ["slurm_cluster"]  # the one-node SLURM test cluster (tests/slurm_cluster.py)
 
 
 @pytest.fixture(scope="session")
