@@ -2,22 +2,29 @@
 
 The lab notebook's policy, as implemented here:
 
-- **When** (``SavePolicy.observe``, once per step at generation boundaries): save when the step is a
-  multiple of ``save_every``; when the step's reward exceeds ``reward_threshold``; and, with
-  ``save_on_best``, when that reward is a new best. The reward is ``reward_metric``: ``exact`` (mean
-  exact match), ``total`` (the weighted sum) or ``smoothed`` (an EMA of exact, alpha 0.1). Every save
-  carries its reasons as sentences, and ``SavePolicy.report`` is its screen report: when a reward caused
-  the save it names the reward, the old best and the new.
+- **When** (``SavePolicy.observe``, once per step at generation boundaries): always when the step is a
+  multiple of ``save_every``, at the final step and on a stop request; and, within a budget (a minimum
+  gap in steps, a maximum share of wall time spent saving), when the smoothed reward (an EMA of
+  ``reward_metric``: ``exact`` or ``total``) first crosses ``reward_threshold`` and, with ``save_on_best``,
+  at a new best of it. Every save carries its reasons as sentences; ``SavePolicy.summary`` is its one
+  screen line, ``SavePolicy.report`` the full report for the run's log (the reward, the old best and the
+  new, the time spent saving). A skipped trigger is reported in one line with the reason.
 - **Valid** (``seal``): the HF Trainer writes a checkpoint into ``checkpoints/.staging/``; ``seal`` adds
-  the policy state (``rlarith_state.json``), fsyncs every file and folder, writes ``COMPLETE`` last and
-  renames the folder to ``checkpoints/checkpoint-<step>``. Readers trust only folders that hold
-  ``COMPLETE`` (``valid_checkpoints``), so a crash at any moment leaves the old state or the new, never a
-  half-written checkpoint that looks whole. ``clean_staging`` (at start, rank 0) removes what interrupted
-  saves and deletions left behind.
+  the policy state (``rlarith_state.json``), refuses a folder that lacks what the trainer requires,
+  reads every file once to record its size and checksum (``CHECKSUMS.json``, rlarith.manifest) and fsync
+  it, writes ``COMPLETE`` last and renames the folder to ``checkpoints/checkpoint-<step>``. Readers trust
+  only folders that hold ``COMPLETE`` (``valid_checkpoints``), so a crash at any moment leaves the old
+  state or the new, never a half-written checkpoint that looks whole. ``clean_staging`` (at start, rank
+  0) removes what interrupted saves and deletions left behind.
+- **Trusted** (``latest_verified``, at start, rank 0): the checkpoint about to be resumed is checked
+  against its checksums; a damaged one (truncated, altered, a file missing) is moved aside to
+  ``checkpoints/.bad-<step>-<file>-<reason>`` (never deleted: it is evidence) and the previous valid one
+  is tried. ``rlarith checkpoints verify RUN`` checks them all.
 - **Kept** (``retained``, ``prune``): after every save only the first, the second-to-last and the most
   recent valid checkpoints remain, plus the best saved one when ``keep_best``. The first is the run's
   origin; the second-to-last is the fallback should the latest turn out bad. ``prune`` deletes the rest
-  and its ``PruneReport`` says what was removed, the space freed and what remains.
+  (never the last checkpoint known good) and its ``PruneReport`` says what was removed, the space freed
+  and what remains.
 
 A checkpoint is a full training state (weights, optimizer, scheduler, RNG, trainer and policy state), so
 training restarts from any valid one. This module never imports torch: it only moves folders.
@@ -31,10 +38,15 @@ import os
 import re
 import shutil
 import stat
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from rlarith import manifest
+from rlarith.manifest import Problem, Required
 
 if TYPE_CHECKING:
     from rlarith.config import CheckpointConfig
@@ -43,9 +55,9 @@ COMPLETE = "COMPLETE"
 """Marker file: written last, fsync'd; a checkpoint folder without it is not a checkpoint."""
 STATE_FILE = "rlarith_state.json"
 """The save policy's state inside each checkpoint (``SavePolicy.state_dict`` plus what the trainer adds)."""
-REWARD_METRICS = ("exact", "total", "smoothed")
+REWARD_METRICS = ("exact", "total")
 EMA_ALPHA = 0.1
-"""Weight of the newest step in the ``smoothed`` reward."""
+"""Weight of the newest step in the smoothed reward that drives threshold and best saves."""
 
 # Canonical names only ("checkpoint-007" is not step 7), so a step maps to exactly one folder.
 _CHECKPOINT_NAME = re.compile(r"checkpoint-(0|[1-9][0-9]*)")
@@ -199,12 +211,21 @@ class PruneReport:
         return "\n".join(lines)
 
 
-def prune(run_dir: Path, best_step: int | None, keep_best: bool = True) -> PruneReport:
+def prune(
+    run_dir: Path, best_step: int | None, keep_best: bool = True, verified: int | None = None
+) -> PruneReport:
     """Delete every valid checkpoint that ``retained`` does not keep. Each deletion removes ``COMPLETE``
     first, so a deletion cut short leaves an invalid folder (cleaned at next start), never a broken
-    checkpoint that looks valid. The latest valid checkpoint is always kept, so never the only one."""
+    checkpoint that looks valid. The latest valid checkpoint is always kept, so never the only one.
+
+    Retention never deletes the last checkpoint known to be good: ``verified`` (the step of the latest
+    one whose checksums were read, e.g. the one just sealed) is always kept, and a checkpoint whose file
+    sizes no longer match its record (a ``stat`` each, no reading) neither counts towards retention nor
+    is deleted: an older good one stays rather than be pruned in favour of a damaged one."""
     valid = valid_checkpoints(run_dir)
-    keep = retained([step for step, _ in valid], best_step, keep_best)
+    damaged = {step for step, path in valid if step != verified and not verify(path, digests=False).ok}
+    keep = retained([step for step, _ in valid if step not in damaged], best_step, keep_best)
+    keep |= damaged | ({verified} if verified is not None else set())
     report = PruneReport()
     for step, path in valid:
         if step in keep:
@@ -220,13 +241,118 @@ def prune(run_dir: Path, best_step: int | None, keep_best: bool = True) -> Prune
     return report
 
 
+# ------------------------------------------------------------------------------------- verification
+
+_BAD_PREFIX = ".bad-"
+
+
+@dataclass
+class MovedAside:
+    """A checkpoint that failed verification and was renamed out of the way (kept as evidence)."""
+
+    step: int
+    path: Path
+    """Where it is now: ``checkpoints/.bad-<step>-<file>-<reason>``."""
+    problems: list[Problem]
+
+    def __str__(self) -> str:
+        more = f" (and {len(self.problems) - 1} more)" if len(self.problems) > 1 else ""
+        return (
+            f"checkpoint-{self.step} is damaged: {self.problems[0]}{more}; "
+            f"moved aside to {self.path.as_posix()}, falling back to the previous valid checkpoint"
+        )
+
+
+@dataclass
+class Resume:
+    """What ``latest_verified`` found: the checkpoint to resume from (None: start from the model), the
+    damaged ones it moved aside on the way, and what verifying the chosen one cost."""
+
+    checkpoint: Path | None
+    moved: list[MovedAside] = field(default_factory=list)
+    verified: manifest.Verified | None = None
+
+
+def verify(checkpoint: Path, digests: bool = True) -> manifest.Verified:
+    """Is the sealed ``checkpoint`` still what was sealed? (``rlarith.manifest.verify``)"""
+    return manifest.verify(checkpoint, digests=digests)
+
+
+def move_aside(checkpoint: Path, problems: list[Problem]) -> Path:
+    """Rename a damaged checkpoint to ``.bad-<step>-<first problem>`` beside it: no longer listed as
+    valid, never deleted (it is evidence, and retention and ``clean_staging`` leave ``.bad-*`` alone)."""
+    checkpoint = Path(checkpoint)
+    label = problems[0].slug if problems else "unverified"
+    base = checkpoint.parent / f"{_BAD_PREFIX}{step_of(checkpoint)}-{label}"
+    dest, n = base, 1
+    while dest.exists():
+        n += 1
+        dest = base.with_name(f"{base.name}-{n}")
+    os.rename(checkpoint, dest)
+    _fsync_dir(checkpoint.parent)
+    return dest
+
+
+def moved_aside(run_dir: Path) -> list[Path]:
+    """The damaged checkpoints moved aside so far (``.bad-*``), by name."""
+    root = checkpoints_dir(run_dir)
+    return sorted(root.glob(_BAD_PREFIX + "*")) if root.is_dir() else []
+
+
+def latest_verified(run_dir: Path) -> Resume:
+    """The latest valid checkpoint whose files all match their checksums; every newer one that does not
+    is moved aside (``move_aside``). Call on rank 0 only, before the ranks look for a checkpoint."""
+    resume = Resume(None)
+    for step, path in reversed(valid_checkpoints(run_dir)):
+        result = verify(path)
+        if result.ok:
+            resume.checkpoint, resume.verified = path, result
+            break
+        resume.moved.append(MovedAside(step, move_aside(path, result.problems), result.problems))
+    return resume
+
+
+def verify_report(run_dir: Path) -> tuple[str, bool]:
+    """``rlarith checkpoints verify RUN``: every valid checkpoint read in full against its checksums, one
+    line each, plus the ones moved aside earlier. Returns ``(text, all good)``; changes nothing."""
+    from rlarith.config import ConfigError
+
+    run_dir = Path(run_dir)
+    if not checkpoints_dir(run_dir).is_dir():
+        raise ConfigError(
+            f"{str(run_dir)!r} has no checkpoints/ folder: pass a run directory (runs/<name>) that has saved."
+        )
+    lines, bad = [], 0
+    valid = valid_checkpoints(run_dir)
+    for _, path in valid:
+        result = verify(path)
+        if result.ok:
+            how = "checksums" if result.checksums else "sizes only: sealed before checksums"
+            lines.append(
+                f"{path.name}: ok ({result.files} files, {human_bytes(result.bytes)}, {how}, "
+                f"{result.seconds:.2f} s)"
+            )
+        else:
+            bad += 1
+            lines.append(f"{path.name}: DAMAGED: " + "; ".join(str(p) for p in result.problems))
+    for path in moved_aside(run_dir):
+        lines.append(f"{path.name}: moved aside earlier (damaged; kept as evidence)")
+    summary = f"{len(valid)} checkpoint{'s' * (len(valid) != 1)} in {checkpoints_dir(run_dir)}: "
+    summary += f"{len(valid) - bad} ok, {bad} damaged" if valid else "none"
+    if bad:
+        summary += " (the next start moves a damaged latest one aside and resumes from an older one)"
+    return "\n".join([*lines, summary]), bad == 0
+
+
 # --------------------------------------------------------------------------------------- durability
 
 
-def seal(staged: Path, final: Path, state: dict[str, Any]) -> None:
+def seal(staged: Path, final: Path, state: dict[str, Any], required: Required = ()) -> None:
     """Make the complete checkpoint folder ``staged`` (written by the HF Trainer) the valid checkpoint
-    ``final``: write ``STATE_FILE``, fsync every file and folder, write and fsync ``COMPLETE`` (step, time
-    and the size of every file), rename ``staged`` to ``final`` and fsync the parents.
+    ``final``: write ``STATE_FILE``, check that everything ``required`` is there (else
+    ``FileNotFoundError``, nothing sealed), read every file once to record its size and checksum and fsync
+    it (``CHECKSUMS.json``, rlarith.manifest), write and fsync ``COMPLETE`` (step, time and the size of
+    every file), rename ``staged`` to ``final`` and fsync the parents.
 
     If ``final`` exists (a re-run of the same step), the old one stays valid until the new one is sealed:
     it is renamed to ``.trash-<name>``, the new one renamed in, then the trash deleted. A crash between
@@ -238,7 +364,10 @@ def seal(staged: Path, final: Path, state: dict[str, Any]) -> None:
         raise FileNotFoundError(f"staged checkpoint {staged} is not a folder")
     (staged / COMPLETE).unlink(missing_ok=True)  # re-sealing: valid only once everything is on disk again
     _write_durable(staged / STATE_FILE, json.dumps(state, indent=2, sort_keys=True) + "\n")
-    files = _fsync_tree(staged)
+    sums = manifest.record(staged, required)  # one read of each file: checksum and fsync
+    _fsync_dirs(staged)
+    _write_durable(staged / manifest.CHECKSUMS, json.dumps(sums, indent=1, sort_keys=True) + "\n")
+    files = {name: entry["size"] for name, entry in sums["files"].items()}
     marker = {"step": step_of(final), "time": _now(), "files": files}
     _write_durable(staged / COMPLETE, json.dumps(marker, indent=2, sort_keys=True) + "\n")
     _fsync_dir(staged)
@@ -319,19 +448,10 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_tree(root: Path) -> dict[str, int]:
-    """fsync every regular file and folder under ``root``; returns ``{relative path: bytes}``."""
-    files: dict[str, int] = {}
-    for dirpath, _, filenames in os.walk(root):
-        for name in filenames:
-            path = Path(dirpath) / name
-            if path.is_symlink() or not path.is_file():
-                continue
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-                files[path.relative_to(root).as_posix()] = os.fstat(f.fileno()).st_size
+def _fsync_dirs(root: Path) -> None:
+    """fsync every folder under ``root`` (``manifest.record`` fsyncs the files as it reads them)."""
+    for dirpath, _, _ in os.walk(root):
         _fsync_dir(Path(dirpath))
-    return files
 
 
 def _remove(path: Path) -> None:
@@ -385,14 +505,25 @@ def _usable(value: float | None) -> bool:
 class SavePolicy:
     """The notebook's save policy and its state (restored on resume).
 
-    >>> policy = SavePolicy(save_every=20, reward_threshold=0.3)
-    >>> policy.observe(1, exact=0.1, total=0.1)
-    ['new best exact=0.100 (previous best: none)']
-    >>> policy.observe(2, exact=0.05, total=0.05)
-    []
-    >>> policy.observe(20, exact=0.35, total=0.35)  # doctest: +NORMALIZE_WHITESPACE
-    ['step 20 is a multiple of save_every=20', 'reward exact=0.350 exceeds reward_threshold=0.3',
-     'new best exact=0.350 (previous best 0.100 at step 1)']
+    Scheduled saves (every ``save_every`` steps) and the saves a caller forces (``observe(forced=...)``:
+    the final step, a stop request) always happen. Reward-triggered saves follow the *smoothed* reward, an
+    EMA (alpha ``EMA_ALPHA``) of ``reward_metric``, because one step's reward over a few dozen completions
+    is mostly noise: a save when it first crosses ``reward_threshold``, and one at every new best (with
+    ``save_on_best``). They are kept within a budget: at least ``min_save_gap`` steps since the previous
+    save, and the share of wall time spent saving, counting the save about to happen (estimated to take as
+    long as the previous one), at most ``max_save_fraction``. A trigger outside the budget is skipped and
+    explained in ``skipped`` (one line each); a threshold crossing stays pending until a save happens.
+
+    >>> clock = iter(range(0, 10_000, 10)).__next__  # a fake wall clock: 10 s between observations
+    >>> policy = SavePolicy(save_every=20, reward_threshold=0.3, min_save_gap=5, clock=clock)
+    >>> policy.observe(1, exact=0.4, total=0.4)
+    ['smoothed exact 0.400 crossed reward_threshold=0.3']
+    >>> policy.record_save(1, policy.current(), ['...'], seconds=1.0)
+    >>> policy.observe(2, exact=1.0, total=1.0), policy.skipped  # doctest: +NORMALIZE_WHITESPACE
+    ([], ['step 2: no save for new best smoothed exact 0.460 (previous best 0.400 at step 1):
+           1 step since the save at step 1 (checkpoints.min_save_gap=5)'])
+    >>> policy.observe(20, exact=0.0, total=0.0)
+    ['step 20 is a multiple of save_every=20']
     """
 
     save_every: int
@@ -400,16 +531,34 @@ class SavePolicy:
     save_on_best: bool = True
     keep_best: bool = True
     reward_metric: str = "exact"
-    # State. best_reward is the best value observe() has seen (what "new best" compares with); best_step
-    # is the best among *saved* checkpoints (what retention keeps): a best seen but never saved must not
-    # make retention keep a checkpoint that is not the best one.
+    max_save_fraction: float = 0.05
+    min_save_gap: int = 10
+    clock: Callable[[], float] = field(default=time.monotonic, compare=False, repr=False)
+    """Seconds, monotonic (tests pass a fake one). Only the budget reads it."""
+    # State. best_reward is the best smoothed value observe() has seen (what "new best" compares with);
+    # best_step is the best among *saved* checkpoints (what retention keeps): a best seen but never saved
+    # must not make retention keep a checkpoint that is not the best one.
     best_reward: float | None = None
     best_reward_step: int | None = None
     best_step: int | None = None
     ema: float | None = None
+    """The smoothed ``reward_metric``."""
+    crossed_step: int | None = None
+    """Step of the save that marked the threshold crossing (None: not crossed, or not saved yet)."""
+    elapsed_s: float = 0.0
+    """Wall seconds of the run at the last ``observe``, over every attempt (each counted up to its last
+    checkpoint)."""
+    save_s: float = 0.0
+    """Seconds spent saving, over every attempt."""
+    last_save_s: float = 0.0
+    """Seconds the most recent save took: the estimate of the next one's cost."""
     history: list[dict[str, Any]] = field(default_factory=list)
     """One entry per save: ``{"step", "reward", "metric", "reasons", "time"}``."""
-    _last: dict[str, Any] | None = field(default=None, init=False, repr=False)
+    skipped: list[str] = field(default_factory=list, compare=False)
+    """The reward triggers the last ``observe`` skipped, one line each with the reason (not state)."""
+    _last: dict[str, Any] | None = field(default=None, init=False, repr=False, compare=False)
+    _started: float = field(default=0.0, init=False, repr=False, compare=False)
+    _base_s: float = field(default=0.0, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.save_every < 1:
@@ -418,79 +567,137 @@ class SavePolicy:
             raise ValueError(
                 f"reward_metric must be one of {', '.join(REWARD_METRICS)}; got {self.reward_metric!r}"
             )
+        if not 0 < self.max_save_fraction <= 1:
+            raise ValueError(f"max_save_fraction must be in (0, 1]; got {self.max_save_fraction}")
+        if self.min_save_gap < 0:
+            raise ValueError(f"min_save_gap must be >= 0; got {self.min_save_gap}")
+        self._started = self.clock()
 
     @classmethod
-    def from_config(cls, config: CheckpointConfig) -> SavePolicy:
+    def from_config(cls, config: CheckpointConfig, clock: Callable[[], float] = time.monotonic) -> SavePolicy:
         return cls(
             config.save_every,
             config.reward_threshold,
             config.save_on_best,
             config.keep_best,
             config.reward_metric,
+            config.max_save_fraction,
+            config.min_save_gap,
+            clock,
         )
 
-    def current(self, exact: float, total: float) -> float:
-        """This step's ``reward_metric`` value, after ``observe`` (for ``smoothed``: the updated EMA)."""
-        if self.reward_metric == "smoothed":
-            return math.nan if self.ema is None else self.ema
-        return exact if self.reward_metric == "exact" else total
+    def elapsed(self) -> float:
+        """Wall seconds of the run so far: earlier attempts (from the state resumed) plus this one."""
+        return self._base_s + self.clock() - self._started
 
-    def observe(self, step: int, exact: float, total: float) -> list[str]:
-        """Feed one step's mean exact-match and weighted total reward; returns the reasons to save now
-        (empty: no save). Call once per step, at generation boundaries."""
-        if _usable(exact):  # a step without scored completions (NaN) must not poison the average
-            self.ema = ema_update(self.ema, exact)
-        value, name = self.current(exact, total), self.reward_metric
+    def current(self) -> float:
+        """The smoothed reward after the last ``observe`` (NaN before any usable reward)."""
+        return math.nan if self.ema is None else self.ema
+
+    def observe(
+        self,
+        step: int,
+        exact: float,
+        total: float,
+        forced: list[str] | tuple[str, ...] = (),
+        elapsed: float | None = None,
+    ) -> list[str]:
+        """Feed one step's mean exact-match and weighted total reward (over the generation window); returns
+        the reasons to save now (empty: no save). ``forced`` are reasons that save in any case (final step,
+        stop request). ``elapsed`` overrides ``elapsed()`` (ranks must decide alike: they pass rank 0's).
+        Call once per step, at generation boundaries; ``skipped`` then lists the triggers left out."""
+        raw = exact if self.reward_metric == "exact" else total
+        if _usable(raw):  # a step without scored completions (NaN) must not poison the average
+            self.ema = ema_update(self.ema, raw)
+        self.elapsed_s = self.elapsed() if elapsed is None else float(elapsed)
+        value, name = self.current(), f"smoothed {self.reward_metric}"
         reasons = []
         if step % self.save_every == 0:
             reasons.append(f"step {step} is a multiple of save_every={self.save_every}")
-        exceeds = _usable(value) and value > self.reward_threshold
-        if exceeds:
-            reasons.append(f"reward {name}={value:.3f} exceeds reward_threshold={self.reward_threshold:g}")
+        reasons += forced
+
+        triggers = []
+        if self.crossed_step is None and _usable(value) and value > self.reward_threshold:
+            triggers.append(f"{name} {value:.3f} crossed reward_threshold={self.reward_threshold:g}")
         previous, previous_step = self.best_reward, self.best_reward_step
-        new_best = _usable(value) and (previous is None or value > previous)
-        if new_best:
-            self.best_reward, self.best_reward_step = value, step
-            if self.save_on_best:
-                reasons.append(f"new best {name}={value:.3f} ({_previous_best(previous, previous_step)})")
-        self._last = {
-            "step": step,
-            "reward": value,
-            "reasons": list(reasons),
-            "exceeds": exceeds,
-            "new_best": new_best,
-            "previous": previous,
-            "previous_step": previous_step,
-        }
+        new_best = _usable(value) and previous is not None and value > previous
+        if _usable(value) and (previous is None or value > previous):
+            self.best_reward, self.best_reward_step = value, step  # the first value sets the bar
+        if new_best and self.save_on_best:
+            triggers.append(
+                f"new best {name} {value:.3f} (previous best {previous:.3f} at step {previous_step})"
+            )
+
+        self.skipped = []
+        if triggers and not reasons:
+            over = self._over_budget(step)
+            if over:
+                self.skipped = [f"step {step}: no save for {trigger}: {over}" for trigger in triggers]
+                triggers = []
+        reasons += triggers
+        if reasons and self.crossed_step is None and _usable(value) and value > self.reward_threshold:
+            self.crossed_step = step  # any save above the threshold is the crossing's save
+        self._last = {"step": step, "reward": value, "reasons": list(reasons), "new_best": new_best,
+                      "previous": previous, "previous_step": previous_step}  # fmt: skip
         return reasons
 
-    def record_save(self, step: int, reward: float, reasons: list[str]) -> None:
-        """Note a save of ``step`` with its ``reward_metric`` value (see ``current``) and reasons; updates
-        ``history`` and ``best_step``. A re-save of the same step replaces its entry."""
+    def _over_budget(self, step: int) -> str | None:
+        """Why a reward-triggered save at ``step`` would break the budget; None when it fits."""
+        if self.history:
+            last = self.history[-1]["step"]
+            if step - last < self.min_save_gap:
+                gap = step - last
+                return (
+                    f"{gap} step{'s' * (gap != 1)} since the save at step {last} "
+                    f"(checkpoints.min_save_gap={self.min_save_gap})"
+                )
+        spent, cost, wall = self.save_s, self.last_save_s, self.elapsed_s
+        if cost > 0 and spent + cost > self.max_save_fraction * (wall + cost):
+            return (
+                f"saving would take {(spent + cost) / (wall + cost):.1%} of the wall time ({spent:.1f} s of "
+                f"{wall:.0f} s so far, ~{cost:.1f} s more; checkpoints.max_save_fraction={self.max_save_fraction:g})"
+            )
+        return None
+
+    def record_save(self, step: int, reward: float, reasons: list[str], seconds: float = 0.0) -> None:
+        """Note a save of ``step`` with its smoothed reward (see ``current``), reasons and the seconds it
+        took; updates ``history``, ``best_step`` and the budget. A re-save of the same step replaces its
+        entry."""
         self.history = _with_save(self.history, step, reward, self.reward_metric, reasons)
         best = best_saved(self.history, self.reward_metric)
         self.best_step = best[0] if best else None
+        self.add_save_time(seconds, new=True)
         if self._last is not None and self._last["step"] == step:
             self._last["recorded"] = True
 
+    def add_save_time(self, seconds: float, new: bool = False) -> None:
+        """Count ``seconds`` more of saving (e.g. sealing and pruning, after ``record_save``)."""
+        self.save_s += seconds
+        self.last_save_s = seconds if new else self.last_save_s + seconds
+
+    def summary(self, step: int, reasons: list[str]) -> str:
+        """One line for the screen about a save at ``step``: its reasons, shortest first."""
+        return f"checkpoint-{step} saved: " + "; ".join(reasons or ["no policy reason (saved on request)"])
+
     def report(self, step: int, reasons: list[str]) -> str:
-        """The screen report for a save at ``step``. When a reward caused it, the last line names the
-        reward, the old best and the new (or the best that still stands)."""
+        """The full report for a save at ``step`` (for the run's log). When a reward caused it, the last
+        line names the smoothed reward, the old best and the new (or the best that still stands)."""
         lines = [f"checkpoint-{step} saved:"]
         lines += [f"  - {reason}" for reason in reasons] or ["  - no policy reason (saved on request)"]
-        last, name = self._last, self.reward_metric
-        if last is not None and last["step"] == step and (last["exceeds"] or last["new_best"]):
+        last, name = self._last, f"smoothed {self.reward_metric}"
+        rewarded = any(r.startswith(("new best", "smoothed")) for r in reasons)
+        if last is not None and last["step"] == step and rewarded:
             value = last["reward"]
             if last["new_best"]:
-                old = (
-                    "none"
-                    if last["previous"] is None
-                    else f"{last['previous']:.3f} (step {last['previous_step']})"
-                )
+                old = f"{last['previous']:.3f} (step {last['previous_step']})"
                 lines.append(f"  reward {name}: old best {old}, new best {value:.3f} (step {step})")
             else:
                 best = f"{self.best_reward:.3f} (step {self.best_reward_step})"
                 lines.append(f"  reward {name}: {value:.3f}, best stays {best}")
+        lines.append(
+            f"  saving so far: {self.save_s:.1f} s of {self.elapsed_s:.0f} s wall time "
+            f"(budget {self.max_save_fraction:.0%}), {len(self.history)} saves"
+        )
         return "\n".join(lines)
 
     def state_dict(self) -> dict[str, Any]:
@@ -508,20 +715,29 @@ class SavePolicy:
             "best_reward_step": self.best_reward_step,
             "best_step": best[0] if best else None,
             "ema": self.ema,
+            "crossed_step": self.crossed_step,
+            "elapsed_s": self.elapsed_s,
+            "save_s": self.save_s,
+            "last_save_s": self.last_save_s,
             "history": history,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore from ``state_dict()`` output (unknown keys, e.g. the trainer's, are ignored). When the
-        config's ``reward_metric`` changed since, the best restarts: rewards of two metrics do not compare."""
+        config's ``reward_metric`` changed since, the smoothed reward, best and crossing restart: rewards of
+        two metrics do not compare."""
         same_metric = state.get("reward_metric", self.reward_metric) == self.reward_metric
         self.best_reward = state.get("best_reward") if same_metric else None
         self.best_reward_step = state.get("best_reward_step") if same_metric else None
-        self.ema = state.get("ema")
+        self.ema = state.get("ema") if same_metric else None
+        self.crossed_step = state.get("crossed_step") if same_metric else None
+        self.elapsed_s = self._base_s = float(state.get("elapsed_s", 0.0))
+        self.save_s = float(state.get("save_s", 0.0))
+        self.last_save_s = float(state.get("last_save_s", 0.0))
         self.history = [dict(entry) for entry in state.get("history", [])]
         best = best_saved(self.history, self.reward_metric)
         self.best_step = best[0] if best else None
-        self._last = None
+        self._last, self.skipped = None, []
 
 
 def _with_save(
@@ -529,9 +745,3 @@ def _with_save(
 ) -> list[dict[str, Any]]:
     entry = {"step": step, "reward": reward, "metric": metric, "reasons": list(reasons), "time": _now()}
     return sorted([e for e in history if e["step"] != step] + [entry], key=lambda e: e["step"])
-
-
-def _previous_best(previous: float | None, previous_step: int | None) -> str:
-    return (
-        "previous best: none" if previous is None else f"previous best {previous:.3f} at step {previous_step}"
-    )

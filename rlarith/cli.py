@@ -63,9 +63,19 @@ def cmd_init_model(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from rlarith.train import train
+    # The stop handler first, before the heavy imports: a SIGTERM during start-up must mean "stop", not death.
+    from rlarith.preemption import EXIT_ABORTED, StopRequest
 
-    return train(load_config(args.config, args.overrides), force=args.force)
+    stop = StopRequest().install()
+    try:
+        from rlarith.train import train
+
+        return train(load_config(args.config, args.overrides), force=args.force, stop=stop)
+    except KeyboardInterrupt:
+        print("rlarith: aborted by a second Ctrl-C; nothing saved since the last checkpoint", file=sys.stderr)
+        return EXIT_ABORTED
+    finally:
+        stop.uninstall()
 
 
 def cmd_bootstrap(args: argparse.Namespace) -> int:
@@ -273,6 +283,29 @@ def _add_traces_parsers(sub: argparse._SubParsersAction) -> None:
 # ---- end traces ---------------------------------------------------------------------------------------
 
 
+# ---- checkpoints (rlarith.checkpoints) ----------------------------------------------------------------
+
+
+def cmd_checkpoints_verify(args: argparse.Namespace) -> int:
+    from rlarith.checkpoints import verify_report
+
+    text, ok = verify_report(Path(args.run))
+    print(text)
+    return 0 if ok else 1
+
+
+def _add_checkpoints_parsers(sub: argparse._SubParsersAction) -> None:
+    csub = sub.add_parser("checkpoints", help="a run's checkpoints").add_subparsers(
+        dest="checkpoints_command", required=True
+    )
+    p = csub.add_parser("verify", help="check every checkpoint's files against the checksums sealed with it")
+    p.add_argument("run", metavar="RUN", help="a run directory")
+    p.set_defaults(func=cmd_checkpoints_verify)
+
+
+# ---- end checkpoints ----------------------------------------------------------------------------------
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rlarith", description="GRPO positive control: arithmetic, no chain of thought."
@@ -308,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bootstrap", help="warm-start the tiny model with SFT so GRPO has signal")
     _config_args(p)
-    p.add_argument("--steps", type=int, default=None, help="SFT steps (default: the bootstrap's own)")
+    p.add_argument("--steps", type=int, default=None, help="fixed SFT steps (default: until 50%% accuracy)")
     p.add_argument("--out", default=None, help="where to save the model (default: model.path)")
     p.set_defaults(func=cmd_bootstrap)
 
@@ -322,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_doctor_parser(sub)  # doctor
     _add_eval_parsers(sub)  # eval / compare
     _add_traces_parsers(sub)  # traces summary / export / plot
+    _add_checkpoints_parsers(sub)  # checkpoints verify
     return parser
 
 

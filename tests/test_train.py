@@ -307,3 +307,162 @@ def test_two_ranks_deepspeed_stop_on_one_rank_and_resume_exactly(sft_model, tmp_
         tmp_path / "ref2" / "checkpoints" / f"checkpoint-{STEPS}",
     )
     assert_traces_match_metrics(run_dir, world=2)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The run directory is the source of truth: one writer, verified checkpoints, honest records (issue 12).
+
+
+def logged_steps(run_dir: Path) -> list[int]:
+    """The step of every loss record in metrics.jsonl itself, in file order (not deduplicated)."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r["step"] for r in map(json.loads, lines) if "loss" in r]
+
+
+def test_a_second_start_on_a_running_run_is_refused_and_the_first_is_unharmed(reference, sft_model, tmp_path):
+    run_dir, log = tmp_path / "busy", tmp_path / "log"
+    args = ["train", *small(sft_model, tmp_path, "busy")]
+    first = start(args, log)
+    lock = run_dir / ".lock"
+    wait_for(lambda: lock.exists() and f'"pid": {first.pid}' in lock.read_text() or first.poll() is not None)
+    first.send_signal(signal.SIGSTOP)  # frozen while the second tries: the test does not race the first
+    try:
+        second = cli(args)
+    finally:
+        first.send_signal(signal.SIGCONT)
+    assert second.returncode == 2, second.stdout[-2000:] + second.stderr[-2000:]
+    assert f"is in use by pid {first.pid} on " in second.stderr and "Traceback" not in second.stderr
+    assert first.wait(timeout=600) == 0, log.read_text()[-3000:]
+    assert logged_steps(run_dir) == list(range(1, STEPS + 1))
+    assert_same_weights(
+        run_dir / "checkpoints" / f"checkpoint-{STEPS}", reference / "checkpoints" / f"checkpoint-{STEPS}"
+    )
+    assert_traces_match_metrics(run_dir)
+
+
+def _truncate(path: Path) -> None:
+    with path.open("r+b") as f:
+        f.truncate(path.stat().st_size // 2)
+
+
+def _zero_mib(path: Path) -> None:
+    with path.open("r+b") as f:
+        f.seek(2**20)
+        f.write(bytes(2**20))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "damage",
+    [
+        {8: ("model.safetensors", _truncate, "truncated"), 6: ("model.safetensors", _zero_mib, "checksum")},
+        {8: ("rng_state.pth", Path.unlink, "missing"), 6: ("optimizer.pt", _truncate, "truncated")},
+    ],
+    ids=["truncated-and-zeroed-model", "deleted-rng-and-truncated-optimizer"],
+)
+def test_damaged_checkpoints_are_moved_aside_and_the_run_resumes_exactly(
+    reference, sft_model, tmp_path, damage
+):
+    run_dir, log = tmp_path / "ref", tmp_path / "log"
+    shutil.copytree(reference, run_dir)
+    for step, (name, spoil, _) in damage.items():
+        spoil(run_dir / "checkpoints" / f"checkpoint-{step}" / name)
+    check = cli(["checkpoints", "verify", str(run_dir)])
+    assert check.returncode == 1 and "1 ok, 2 damaged" in check.stdout, check.stdout
+
+    assert run(["train", *small(sft_model, tmp_path, "ref")], log) == 0, log.read_text()[-3000:]
+    text = log.read_text()
+    for step, (name, _, reason) in damage.items():
+        [line] = [ln for ln in text.splitlines() if f"checkpoint-{step} is damaged" in ln]
+        assert f"{name}: {reason}" in line and "moved aside to" in line
+        [kept] = (run_dir / "checkpoints").glob(f".bad-{step}-*")  # evidence, not deleted
+        assert (kept / "COMPLETE").is_file()
+    assert f"resuming from {run_dir / 'checkpoints' / 'checkpoint-2'}" in text
+    assert_same_weights(
+        run_dir / "checkpoints" / f"checkpoint-{STEPS}", reference / "checkpoints" / f"checkpoint-{STEPS}"
+    )
+    assert logged_steps(run_dir) == list(range(1, STEPS + 1))  # steps 3..8 re-run, each logged once
+    assert metrics(run_dir) == metrics(reference)
+    assert_traces_match_metrics(run_dir)
+    assert cli(["checkpoints", "verify", str(run_dir)]).returncode == 0
+
+
+def test_a_forced_learning_rate_change_takes_effect(reference, sft_model, tmp_path):
+    run_dir = tmp_path / "ref"
+    shutil.copytree(reference, run_dir)
+    shutil.rmtree(run_dir / "checkpoints" / f"checkpoint-{STEPS}")  # resume from 6: steps 7, 8 to train
+    args = small(sft_model, tmp_path, "ref", "training.learning_rate=5e-4")
+    forced = cli(["train", "--force", *args], timeout=600)
+    assert forced.returncode == 0, forced.stdout[-3000:] + forced.stderr[-3000:]
+    assert "forced change applied: learning rate 0.001 -> 0.0005" in forced.stdout
+    lr = {step: m["learning_rate"] for step, m in metrics(run_dir).items()}
+    assert lr[6] == 1e-3 and lr[7] == lr[8] == 5e-4  # what is logged is what was applied
+    assert logged_steps(run_dir) == list(range(1, STEPS + 1))
+    state = json.loads((run_dir / "checkpoints" / f"checkpoint-{STEPS}" / "rlarith_state.json").read_text())
+    assert state["config"]["training.learning_rate"] == 5e-4
+    [entry] = [json.loads(line) for line in (run_dir / "forced.jsonl").read_text().splitlines()]
+    assert entry["changes"] == {"training.learning_rate": [0.001, 0.0005]} and entry["to"] == state["run_id"]
+
+
+def test_a_deleted_config_yaml_does_not_hide_a_different_config(reference, sft_model, tmp_path):
+    run_dir = tmp_path / "ref"
+    shutil.copytree(reference, run_dir)
+    (run_dir / "config.yaml").unlink()
+    proc = cli(["train", *small(sft_model, tmp_path, "ref", "training.learning_rate=5e-4")])
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "training.learning_rate: 0.001 -> 0.0005" in proc.stderr and "checkpoint-8 (run id" in proc.stderr
+    assert "--force" in proc.stderr and not (run_dir / "config.yaml").exists()
+    # A change that cannot take effect on a resumed run is refused even when forced.
+    proc = cli(["train", "--force", *small(sft_model, tmp_path, "ref", "training.seed=1")])
+    assert proc.returncode == 2 and "training.seed: cannot change when resuming" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.5, 2.0])
+def test_sigterm_right_after_start_stops_never_kills(sft_model, tmp_path, delay) -> None:
+    import time
+
+    from rlarith.preemption import block_stop_signals
+
+    log = tmp_path / "log"
+    with log.open("ab") as fh:  # started as a launcher should: stop signals blocked until handled
+        proc = subprocess.Popen([sys.executable, "-m", "rlarith.cli", "train", *small(sft_model, tmp_path, "early")],
+                                cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, env=rlarith_env(),
+                                preexec_fn=block_stop_signals)  # fmt: skip
+    time.sleep(delay)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=300) == EXIT_STOPPED, log.read_text()[-3000:]
+    assert "received SIGTERM" in log.read_text() and "Traceback" not in log.read_text()
+
+
+def test_ctrl_c_once_saves_and_resumes_exactly(reference, sft_model, tmp_path) -> None:
+    stop_and_resume(reference, sft_model, tmp_path, signal.SIGINT)
+    assert "press Ctrl-C again to abort without saving" in (tmp_path / "log").read_text()
+    assert logged_steps(tmp_path / "cut") == list(range(1, STEPS + 1))  # one record per step after resume
+
+
+def test_ctrl_c_twice_aborts_without_saving(sft_model, tmp_path) -> None:
+    run_dir, log = tmp_path / "abort", tmp_path / "log"
+    proc = start(["train", *small(sft_model, tmp_path, "abort")], log)
+    wait_for(lambda: (run_dir / "metrics.jsonl").exists() and len(metrics(run_dir)) >= 1 or proc.poll() is not None,
+             interval=0.001)  # fmt: skip
+    proc.send_signal(signal.SIGINT)  # early in a step: the save waits for its end
+    wait_for(lambda: "press Ctrl-C again" in log.read_text() or proc.poll() is not None, interval=0.001)
+    saved = [s for s, _ in valid_checkpoints(run_dir)]
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=300) == 130, log.read_text()[-3000:]
+    assert "aborted by a second Ctrl-C" in log.read_text()
+    assert [s for s, _ in valid_checkpoints(run_dir)] == saved
+
+
+def test_sigterm_during_the_final_step_means_finished(reference, sft_model, tmp_path) -> None:
+    run_dir, log = tmp_path / "last", tmp_path / "log"
+    proc = start(["train", *small(sft_model, tmp_path, "last")], log)
+    wait_for(lambda: (run_dir / "metrics.jsonl").exists() and STEPS - 1 in metrics(run_dir) or proc.poll() is not None,
+             interval=0.001)  # fmt: skip
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
+    assert "received SIGTERM" in log.read_text() and "training is finished, so exit 0" in log.read_text()
+    assert_same_weights(
+        run_dir / "checkpoints" / f"checkpoint-{STEPS}", reference / "checkpoints" / f"checkpoint-{STEPS}"
+    )
