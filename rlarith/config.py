@@ -252,28 +252,42 @@ class TrainingConfig:
 
 @dataclass
 class CheckpointConfig:
-    """The notebook's checkpoint policy (rlarith.checkpoints)."""
+    """The notebook's checkpoint policy (rlarith.checkpoints.SavePolicy)."""
 
     save_every: int = 20
-    """Save every this many steps."""
+    """Save every this many steps (always, whatever the budget below). The final step and a stop request
+    always save too."""
     reward_threshold: float = 0.3
-    """Also save when the step's reward (``reward_metric``) exceeds this."""
+    """Save when the smoothed reward (``reward_metric``, an exponential moving average with alpha 0.1) first
+    crosses this: "a checkpoint when the reward gets there". Once per run."""
     save_on_best: bool = True
-    """Also save when the step's reward is a new best."""
+    """Also save at each new best of the smoothed reward (within the budget)."""
     keep_best: bool = True
     """Retention keeps the best checkpoint besides the first, second-to-last and latest."""
     reward_metric: str = "exact"
-    """Which reward drives threshold and best: ``exact`` (exact-match mean, the default: it is the quantity
-    the positive control is about and does not move with the weights), ``total`` (the weighted sum), or
-    ``smoothed`` (exponential moving average of exact, alpha 0.1, so one lucky batch does not count)."""
+    """Which reward is smoothed for threshold and best: ``exact`` (exact-match mean, the default: it is the
+    quantity the positive control is about and does not move with the weights) or ``total`` (the weighted
+    sum of ``rewards.weights``)."""
+    max_save_fraction: float = 0.05
+    """Budget of the reward-triggered saves: the share of wall time spent saving (counting the save about
+    to happen, estimated from the previous one) may not exceed this. A full state of a 0.5B model takes ~8 s
+    to write against a ~0.5 s step, so without a budget every new best would slow a GPU run down many times."""
+    min_save_gap: int = 10
+    """Budget of the reward-triggered saves: at least this many steps since the previous save."""
 
     def __post_init__(self) -> None:
         _check(self.save_every >= 1, "checkpoints.save_every", f"must be at least 1; got {self.save_every}.")
         _check(
-            self.reward_metric in ("exact", "total", "smoothed"),
+            self.reward_metric in ("exact", "total"),
             "checkpoints.reward_metric",
-            f"use exact, total or smoothed; got {self.reward_metric!r}.",
+            f"use exact or total (either is smoothed before it is compared); got {self.reward_metric!r}.",
         )
+        _check(
+            0 < self.max_save_fraction <= 1,
+            "checkpoints.max_save_fraction",
+            f"must be in (0, 1], e.g. 0.05 for 5% of the wall time; got {self.max_save_fraction}.",
+        )
+        _check(self.min_save_gap >= 0, "checkpoints.min_save_gap", f"must be >= 0; got {self.min_save_gap}.")
 
 
 @dataclass
@@ -401,6 +415,17 @@ class RunConfig:
             f"must be a multiple of training.steps_per_generation x training.num_iterations = {boundary}, "
             f"so every checkpoint falls on a generation boundary and resume is exact; got {self.checkpoints.save_every}.",
         )
+        # The final step must be a boundary too: it is always saved, and max_steps may be raised later
+        # (a resumable key), which resumes from that final checkpoint.
+        steps = self.training.max_steps
+        if steps % boundary:
+            below, above = steps - steps % boundary, steps - steps % boundary + boundary
+            nearest = f"{below} or {above}" if below else f"{above}"
+            raise ConfigError(
+                f"training.max_steps: must be a multiple of training.steps_per_generation x "
+                f"training.num_iterations = {boundary} (the final step is saved, and a checkpoint inside a "
+                f"generation window would not resume exactly); got {steps}: use {nearest}."
+            )
 
     @property
     def run_dir(self) -> Path:

@@ -1,17 +1,21 @@
 """The positive control anyone can run on a laptop: bootstrap, measure, GRPO, measure again.
 
 ``rlarith demo`` (``make demo``) with the embedded defaults (configs/default.yaml):
-1. ``rlarith bootstrap``: the tiny local model, SFT-warmed on 2-digit addition to partial accuracy;
+1. ``rlarith bootstrap``: the tiny local model, SFT-warmed on 2-digit addition until half its greedy
+   answers are right (reused when ``model.path`` already holds a model);
 2. held-out validation accuracy and mean reward of that model (greedy, and sampled at the training
    temperature, which is what GRPO optimises);
-3. ``rlarith train``: GRPO from it (resumes if the run already has checkpoints);
-4. the same measurements on the final checkpoint, and a verdict: the control passes when held-out
-   sampled accuracy and mean reward both rose.
+3. ``rlarith train``: GRPO from it (resumes if the run already has checkpoints; nothing to do if it
+   finished);
+4. the same measurements on the final checkpoint, and the verdict (rlarith.verdict): PASS when greedy
+   correctness on the same held-out problems rose, by an exact McNemar test at p < 0.01.
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
+from typing import Any
 
 from rlarith.config import RunConfig
 
@@ -19,15 +23,14 @@ SAMPLES = 4
 """Completions per problem for the sampled measurement."""
 
 
-def measure(model: Path, cfg: RunConfig) -> dict[str, float]:
-    from rlarith.data import heldout, make_task
+def measure(model: Path, cfg: RunConfig) -> tuple[dict[str, float], list[bool]]:
+    """Greedy and sampled held-out accuracy and mean reward of ``model``; and per-problem greedy correctness
+    (for the paired verdict)."""
     from rlarith.evaluate import evaluate_model
 
-    val = heldout(make_task(cfg.task), cfg.data, "val", min(cfg.eval.n, cfg.data.val_size))
+    val = problems(cfg)
     max_new = cfg.training.max_completion_length
-    greedy = evaluate_model(
-        model, val, cfg, batch_size=cfg.eval.batch_size, max_new_tokens=max_new, progress=False
-    )
+    greedy = evaluate_model(model, val, cfg, batch_size=cfg.eval.batch_size, max_new_tokens=max_new)
     sampled = evaluate_model(
         model,
         val,
@@ -37,44 +40,63 @@ def measure(model: Path, cfg: RunConfig) -> dict[str, float]:
         batch_size=cfg.eval.batch_size,
         max_new_tokens=max_new,
         seed=cfg.training.seed,
-        progress=False,
     )
+    right = [r["parsed_strict"] == r["truth"] for r in greedy.records]
+    label = f"(T={cfg.training.temperature:g}, {SAMPLES} samples)"
     return {
         "greedy accuracy": greedy.accuracy,
-        "sampled accuracy": sampled.accuracy,
-        "sampled mean reward": sampled.mean_reward,
-    }
+        f"sampled accuracy {label}": sampled.accuracy,
+        f"sampled mean reward {label}": sampled.mean_reward,
+    }, right
+
+
+def problems(cfg: RunConfig) -> list[Any]:
+    """The held-out problems the demo scores: the first ``eval.n`` of the validation set."""
+    from rlarith.data import heldout, make_task
+
+    return heldout(make_task(cfg.task), cfg.data, "val", min(cfg.eval.n, cfg.data.val_size))
 
 
 def demo(cfg: RunConfig) -> int:
     from rlarith.bootstrap import bootstrap
-    from rlarith.checkpoints import latest_valid
-    from rlarith.train import train
+    from rlarith.checkpoints import latest_valid, step_of
+    from rlarith.train import check_run_dir, train
+    from rlarith.verdict import paired_verdict
 
+    started = time.time()
     model = Path(cfg.model.path)
-    if not (model / "config.json").is_file():
+    if (model / "config.json").is_file():
+        print(f"[1/4] bootstrap: reusing {model} (delete it to build it again)")
+    else:
         print(f"[1/4] bootstrap: SFT-warming the tiny model into {model}")
         bootstrap(cfg, evaluate=False)
-    print("[2/4] measuring the starting model on held-out problems")
-    before = measure(model, cfg)
-    print(f"[3/4] GRPO: {cfg.training.max_steps} steps in {cfg.run_dir}")
-    status = train(cfg)
-    if status != 0:
-        return status
+    n = len(problems(cfg))
+    print(
+        f"[2/4] measuring the starting model on {n} held-out problems (greedy, then {SAMPLES} samples each)"
+    )
+    before, right_before = measure(model, cfg)
+    latest = latest_valid(cfg.run_dir)
+    if latest is not None and step_of(latest) >= cfg.training.max_steps:
+        check_run_dir(cfg, force=False)  # the finished run must be this config's, or we measure another one
+        print(
+            f"[3/4] GRPO: nothing to train: {cfg.run_dir} already finished all {cfg.training.max_steps} steps "
+            f"({latest.name}); delete {cfg.run_dir} to train again"
+        )
+    else:
+        resuming = f", resuming from {latest.name}" if latest is not None else ""
+        print(f"[3/4] GRPO: {cfg.training.max_steps} steps in {cfg.run_dir}{resuming}")
+        status = train(cfg)
+        if status != 0:
+            return status
     final = latest_valid(cfg.run_dir)
     assert final is not None, "training finished without a checkpoint"
     print(f"[4/4] measuring {final}")
-    after = measure(final, cfg)
+    after, right_after = measure(final, cfg)
 
-    print(f"\n| held-out ({cfg.data.val_size} val problems) | before | after |\n|---|---|---|")
+    print(f"\n| held-out ({n} val problems) | before | after |\n|---|---|---|")
     for key in before:
         print(f"| {key} | {before[key]:.3f} | {after[key]:.3f} |")
-    rose = (
-        after["sampled accuracy"] > before["sampled accuracy"]
-        and after["sampled mean reward"] > before["sampled mean reward"]
-    )
-    print(
-        "\npositive control: "
-        + ("PASS (held-out accuracy and reward rose)" if rose else "FAIL (no rise: look at the traces)")
-    )
-    return 0 if rose else 1
+    verdict = paired_verdict(right_before, right_after)
+    print(f"\npositive control: {verdict}")
+    print(f"(demo took {time.time() - started:.0f} s)")
+    return 0 if verdict.passed else 1

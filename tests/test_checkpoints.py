@@ -3,7 +3,6 @@ never leaves a checkpoint that looks valid but is not (real files, a real SIGKIL
 
 import inspect
 import json
-import math
 import random
 import shutil
 import signal
@@ -21,7 +20,6 @@ from rlarith.checkpoints import (
     COMPLETE,
     STATE_FILE,
     PruneReport,
-    SavePolicy,
     checkpoint_path,
     checkpoints_dir,
     clean_staging,
@@ -33,7 +31,6 @@ from rlarith.checkpoints import (
     staging_dir,
     valid_checkpoints,
 )
-from rlarith.config import CheckpointConfig
 
 
 def files_for(step: int, tag: str, n: int = 3, size: int = 4096) -> dict[str, bytes]:
@@ -254,148 +251,7 @@ def test_prune_keeps_the_only_checkpoint_and_reports_what_it_removes(tmp_path):
     assert isinstance(report, PruneReport) and report.bytes_freed == freed
 
 
-# -------------------------------------------------------------------------------------------- policy
-
-# Rewards of a simulated run: (step -> exact); every other step gets a dull value.
-REWARDS = {1: 0.10, 12: 0.20, 20: 0.15, 30: 0.35, 31: 0.32, 40: 0.10, 60: 0.25}
-
-
-def reward_at(step: int) -> float:
-    return REWARDS.get(step, 0.05 if step < 32 else 0.2)
-
-
-# step -> (reasons, best_step after the save, valid checkpoints after save + prune), by hand.
-EXPECTED_RUN = {
-    1: (["new best exact=0.100 (previous best: none)"], 1, {1}),
-    12: (["new best exact=0.200 (previous best 0.100 at step 1)"], 12, {1, 12}),
-    20: (["step 20 is a multiple of save_every=20"], 12, {1, 12, 20}),
-    30: (
-        [
-            "reward exact=0.350 exceeds reward_threshold=0.3",
-            "new best exact=0.350 (previous best 0.200 at step 12)",
-        ],
-        30,
-        {1, 20, 30},
-    ),
-    31: (["reward exact=0.320 exceeds reward_threshold=0.3"], 30, {1, 30, 31}),
-    40: (["step 40 is a multiple of save_every=20"], 30, {1, 30, 31, 40}),
-    60: (["step 60 is a multiple of save_every=20"], 30, {1, 30, 40, 60}),
-}
-
-
-def test_simulated_run_saves_for_the_right_reasons_and_keeps_the_right_checkpoints(tmp_path):
-    policy = SavePolicy(save_every=20, reward_threshold=0.3)
-    for step in range(1, 61):
-        exact = reward_at(step)
-        reasons = policy.observe(step, exact, total=2 * exact)
-        if step not in EXPECTED_RUN:
-            assert reasons == [], step
-            continue
-        want_reasons, want_best, want_disk = EXPECTED_RUN[step]
-        assert reasons == want_reasons
-        # The trainer's order: record, seal with the state, report, prune.
-        staged = stage(tmp_path, step, tag=f"run{step}")
-        policy.record_save(step, policy.current(exact, 2 * exact), reasons)
-        seal(
-            staged,
-            checkpoint_path(tmp_path, step),
-            {**policy.state_dict(), "tag": f"run{step}", "step": step},
-        )
-        assert policy.best_step == want_best
-        before = on_disk(tmp_path)
-        report = prune(tmp_path, policy.best_step, policy.keep_best)
-        assert on_disk(tmp_path) == want_disk, step
-        assert {p for p, _ in report.removed} == {checkpoint_path(tmp_path, s) for s in before - want_disk}
-        for _, folder in valid_checkpoints(tmp_path):
-            assert_intact(folder)
-    assert [h["step"] for h in policy.history] == sorted(EXPECTED_RUN)
-    assert load_policy_state(latest_valid(tmp_path))["best_step"] == 30
-
-
-def test_a_best_that_was_not_saved_never_becomes_best_step():
-    policy = SavePolicy(save_every=20, reward_threshold=0.3, save_on_best=False)
-    saved = {}
-    for step in range(1, 61):
-        exact = reward_at(step)
-        reasons = policy.observe(step, exact, exact)
-        assert not any("new best" in r for r in reasons)
-        if reasons:
-            saved[step] = reasons
-            policy.record_save(step, policy.current(exact, exact), reasons)
-            if step == 20:  # 0.20 at step 12 was the best seen, but step 20 (0.15) is the best *saved*
-                assert (policy.best_reward, policy.best_reward_step, policy.best_step) == (0.20, 12, 20)
-    assert sorted(saved) == [20, 30, 31, 40, 60] and policy.best_step == 30
-
-
-def test_metrics_total_and_smoothed():
-    total = SavePolicy(save_every=100, reward_threshold=1.5, reward_metric="total", save_on_best=False)
-    assert total.observe(1, exact=0.9, total=1.4) == []
-    assert total.observe(2, exact=0.1, total=1.6) == ["reward total=1.600 exceeds reward_threshold=1.5"]
-    assert total.current(0.1, 1.6) == 1.6
-
-    smooth = SavePolicy(save_every=100, reward_threshold=0.15, reward_metric="smoothed")
-    assert smooth.observe(1, exact=0.0, total=9.0) == ["new best smoothed=0.000 (previous best: none)"]
-    assert smooth.observe(2, exact=1.0, total=9.0) == [
-        "new best smoothed=0.100 (previous best 0.000 at step 1)"
-    ]
-    assert smooth.observe(3, exact=1.0, total=9.0) == [
-        "reward smoothed=0.190 exceeds reward_threshold=0.15",
-        "new best smoothed=0.190 (previous best 0.100 at step 2)",
-    ]
-    assert smooth.observe(4, exact=math.nan, total=9.0)[0].startswith(
-        "reward smoothed=0.190"
-    )  # NaN is skipped
-    assert smooth.ema == pytest.approx(0.19)
-    assert math.isnan(SavePolicy(1, 0.0, reward_metric="smoothed").current(0.5, 0.5))
-    with pytest.raises(ValueError, match="reward_metric"):
-        SavePolicy(20, 0.3, reward_metric="mean")
-    cfg = CheckpointConfig(save_every=40, reward_metric="smoothed", keep_best=False)
-    assert SavePolicy.from_config(cfg) == SavePolicy(40, 0.3, True, False, "smoothed")
-
-
-def test_report_names_the_reward_and_the_old_and_new_best():
-    policy = SavePolicy(save_every=20, reward_threshold=0.3)
-    first = policy.observe(1, 0.1, 0.1)
-    assert "old best none, new best 0.100 (step 1)" in policy.report(1, first)
-    policy.observe(12, 0.2, 0.2)
-    reasons = policy.observe(30, 0.35, 0.35)
-    text = policy.report(30, reasons)
-    assert text.splitlines()[0] == "checkpoint-30 saved:"
-    assert "reward exact: old best 0.200 (step 12), new best 0.350 (step 30)" in text
-    assert all(f"  - {r}" in text for r in reasons)
-    reasons = policy.observe(31, 0.32, 0.32)
-    assert "reward exact: 0.320, best stays 0.350 (step 30)" in policy.report(31, reasons)
-    reasons = policy.observe(40, 0.1, 0.1)  # a scheduled save: no reward line
-    assert policy.report(40, reasons) == "checkpoint-40 saved:\n  - step 40 is a multiple of save_every=20"
-    assert "no policy reason" in policy.report(41, [])
-
-
-def test_state_round_trips_through_a_checkpoint(tmp_path):
-    policy = SavePolicy(save_every=20, reward_threshold=0.3)
-    for step in range(1, 31):
-        if policy.observe(step, reward_at(step), 0.0) and step < 30:
-            policy.record_save(step, reward_at(step), ["x"])
-    # Step 30 asked for a save; the state is taken before record_save: it must already count step 30.
-    staged = stage(tmp_path, 30)
-    seal(
-        staged, checkpoint_path(tmp_path, 30), {**policy.state_dict(), "attempt": "7", "tag": "a", "step": 30}
-    )
-    policy.record_save(30, 0.35, ["y"])
-    assert [h["step"] for h in policy.state_dict()["history"]] == [1, 12, 20, 30]  # recorded once, not twice
-
-    resumed = SavePolicy(save_every=20, reward_threshold=0.3)
-    resumed.load_state_dict(load_policy_state(latest_valid(tmp_path)))  # unknown keys ignored
-    want = {k: v for k, v in policy.state_dict().items() if k != "history"}
-    assert {k: v for k, v in resumed.state_dict().items() if k != "history"} == want
-    assert [h["step"] for h in resumed.history] == [1, 12, 20, 30] and resumed.best_step == 30
-    assert (resumed.best_reward, resumed.best_reward_step, resumed.ema) == (0.35, 30, policy.ema)
-    # Resumed, it continues as the original would have.
-    assert resumed.observe(31, 0.36, 0.0) == policy.observe(31, 0.36, 0.0)
-
-    other = SavePolicy(save_every=20, reward_threshold=0.3, reward_metric="total")
-    other.load_state_dict(resumed.state_dict())  # a different metric: its best does not carry over
-    assert (other.best_reward, other.best_step) == (None, None)
-    assert [h["step"] for h in other.history] == [1, 12, 20, 30, 31]  # 31: observed, asked to save, counted
+# The save policy (when to save) has its own tests: tests/test_save_policy.py.
 
 
 def test_module_does_not_import_torch():
