@@ -365,8 +365,14 @@ class SlurmConfig:
     """Wall-clock limit per attempt, minutes (preempted or timed-out attempts are requeued)."""
     signal_delay_s: int = 120
     """Seconds before the limit at which SLURM sends the stop signal (time for a full checkpoint)."""
+    max_timeouts: int = 3
+    """Attempts that may end at the time limit and still be requeued; the next one ends the job. Preemptions
+    are requeued without limit."""
     container: str = ""
-    """Apptainer image to run in; empty to run on the host."""
+    """Apptainer image (``.sif``) the trainer runs in (``apptainer exec``); empty to run on the host. The
+    job driver, submitit and the requeue stay on the host, where ``scontrol`` exists."""
+    binds: list[str] = field(default_factory=list)
+    """Extra ``apptainer exec --bind`` paths (the run, model, traces and config folders are bound already)."""
     logs_dir: str = "runs/submitit"
     """submitit's log and pickle folder (never shared between clusters)."""
 
@@ -380,6 +386,7 @@ class SlurmConfig:
             _check(getattr(self, key) >= 1, f"slurm.{key}", f"must be at least 1; got {getattr(self, key)}.")
         _check(self.gpus_per_node >= 0, "slurm.gpus_per_node", f"must be >= 0; got {self.gpus_per_node}.")
         _check(self.signal_delay_s >= 0, "slurm.signal_delay_s", f"must be >= 0; got {self.signal_delay_s}.")
+        _check(self.max_timeouts >= 0, "slurm.max_timeouts", f"must be >= 0; got {self.max_timeouts}.")
 
 
 @dataclass
