@@ -71,6 +71,10 @@ wait_for() { # name, description, command...
 }
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+need_port() { # daemon, port: a daemon of ours is not running, so whoever answers there is someone else
+	! port_open "$2" || die "$1 cannot start: port $2 on 127.0.0.1 is taken by another process (another cluster? \
+choose other ports with RLARITH_SLURM_PORT=N, which uses N..N+2 and N+9)."
+}
 
 need_root() {
 	[[ $(id -u) == 0 ]] || die "$1 needs root (SlurmUser=root, apt-get); run as root, or ask root to run '$0 start'."
@@ -230,6 +234,7 @@ start_mariadb() {
 			fail_daemon mariadbd "could not initialise $DIR/mysql/data (mariadb-install-db)"
 	fi
 	rm -f "$(pidfile mariadbd)"
+	need_port mariadbd "$DB_PORT"
 	# innodb_lock_wait_timeout and the buffer pool: what slurmdbd asks for (it logs an error otherwise); the
 	# pool is reserved, not touched, so 1G costs little memory.
 	spawn "$(logfile mariadbd)" mariadbd --no-defaults --user=root --datadir="$DIR/mysql/data" \
@@ -237,6 +242,7 @@ start_mariadb() {
 		--port="$DB_PORT" --bind-address=127.0.0.1 --skip-name-resolve --skip-log-bin \
 		--innodb-buffer-pool-size=1G --innodb-lock-wait-timeout=900 --innodb-flush-log-at-trx-commit=2
 	wait_for mariadbd "accepting connections" mariadb-admin --no-defaults -S "$DB_SOCKET" -u root ping
+	chmod 644 "$(pidfile mariadbd)" # mode 660 by default: other users' `start` and `status` read it
 	# Every start, not only the first: a first start killed here would leave a database without the user.
 	db_sql "CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1'; GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1';" ||
 		fail_daemon mariadbd "refused to create the slurm user"
@@ -248,6 +254,11 @@ start_slurm_daemon() { # name, readiness description, readiness command...
 	shift
 	alive "$name" && return 0
 	rm -f "$(pidfile "$name")"
+	case $name in
+	slurmdbd) need_port "$name" "$DBD_PORT" ;;
+	slurmctld) need_port "$name" "$CTLD_PORT" ;;
+	slurmd) need_port "$name" "$SLURMD_PORT" ;;
+	esac
 	case $name in
 	slurmdbd) spawn "$(logfile "$name")" slurmdbd ;;
 	slurmctld) spawn "$(logfile "$name")" slurmctld -f "$CONF" ;;
@@ -330,6 +341,7 @@ cmd_start() {
 	install_packages
 	need_root "starting the cluster"
 	mkdir -p "$DIR"/{etc,munge,mysql,state,spool,run,log}
+	chown 0:0 "$DIR" # a test session of another user may have made it (for its lock file)
 	# Clients of other users reach the munge socket only through o+x folders.
 	chmod 755 "$DIR" "$DIR/munge" "$DIR/etc"
 	chmod 700 "$DIR/mysql"

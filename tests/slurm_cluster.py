@@ -117,6 +117,15 @@ def _script(*args: str, timeout: float) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout)
 
 
+def cluster_env() -> dict[str, str]:
+    """What ``testcluster.sh env`` exports (SLURM_CONF, RLARITH_SLURM_DIR, ...); needs no running cluster."""
+    env = {}
+    for line in _script("env", timeout=60).stdout.splitlines():
+        key, _, value = line.removeprefix("export ").partition("=")
+        env[key] = value
+    return env
+
+
 def start_cluster() -> SlurmCluster:
     """Start (or find) the cluster; raise RuntimeError with the script's message when it cannot start."""
     try:
@@ -128,26 +137,29 @@ def start_cluster() -> SlurmCluster:
         raise RuntimeError(
             f"{SCRIPT} start failed (exit {proc.returncode}):\n{proc.stderr.strip() or proc.stdout}"
         )
-    env = {}
-    for line in _script("env", timeout=60).stdout.splitlines():
-        key, _, value = line.removeprefix("export ").partition("=")
-        env[key] = value
+    env = cluster_env()
     cluster = SlurmCluster(conf=Path(env["SLURM_CONF"]), env=env, cpus=0)
     cpus = int(cluster.run(["sinfo", "-h", "-p", "low", "-o", "%c"]).stdout.split()[0])
     return SlurmCluster(conf=cluster.conf, env=env, cpus=cpus)
 
 
-def hold_cluster(cluster: SlurmCluster) -> IO[str]:
-    """Take the cluster for this process: a second test session waits until the first one ends.
+def hold_cluster(folder: Path) -> IO[str] | None:
+    """Take the cluster in ``folder`` for this process: a second test session waits until the first ends.
 
     One node serves every session on the machine, and tests preempt, cancel and fill it; two sessions at
-    once would break each other's jobs. The lock is an flock, so a killed session frees it.
+    once would break each other's jobs (and a start that finds a changed config restarts the daemons).
+    The lock is an flock, so a killed session frees it. None where the folder cannot hold a lock file
+    (another user's cluster not started yet): then the start that follows says why.
     """
-    path = Path(cluster.env.get("RLARITH_SLURM_DIR", str(cluster.conf.parent.parent))) / "session.lock"
+    path = folder / "session.lock"
     try:
+        folder.mkdir(parents=True, exist_ok=True)
         fh = path.open("a+")
     except OSError:
-        fh = path.open()  # not ours to write (another user's cluster): a shared lock still needs only reading
+        try:
+            fh = path.open()  # another user's cluster: an flock needs only a readable file
+        except OSError:
+            return None
     try:
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -165,18 +177,21 @@ def hold_cluster(cluster: SlurmCluster) -> IO[str]:
 @pytest.fixture(scope="session")
 def slurm_cluster() -> Iterator[SlurmCluster]:
     """The one-node test cluster, this session's alone, its queue empty; SLURM_CONF exported for submitit."""
+    lock = hold_cluster(Path(cluster_env()["RLARITH_SLURM_DIR"]))
     try:
-        cluster = start_cluster()
-    except RuntimeError as e:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"CI=true and the SLURM test cluster did not start:\n{e}", pytrace=False)
-        pytest.skip(f"no SLURM test cluster: {e}")
-    lock = hold_cluster(cluster)
-    # submitit runs sbatch/sacct from this process and its jobs inherit this environment.
-    os.environ.update(cluster.env)
-    cluster.cancel_all()  # left by a session that was killed
-    try:
-        yield cluster
+        try:
+            cluster = start_cluster()
+        except RuntimeError as e:
+            if os.environ.get("CI", "").lower() == "true":
+                pytest.fail(f"CI=true and the SLURM test cluster did not start:\n{e}", pytrace=False)
+            pytest.skip(f"no SLURM test cluster: {e}")
+        # submitit runs sbatch/sacct from this process and its jobs inherit this environment.
+        os.environ.update(cluster.env)
+        cluster.cancel_all()  # left by a session that was killed
+        try:
+            yield cluster
+        finally:
+            cluster.cancel_all()
     finally:
-        cluster.cancel_all()
-        lock.close()
+        if lock is not None:
+            lock.close()

@@ -84,7 +84,8 @@ def test_preempted_job_gets_its_signal_and_restarts_requeued(
     wait_for(lambda: (tmp_path / "start.0").exists(), timeout=120, interval=0.1)
     t_preempt = time.time()
     blocker = slurm_cluster.preempt(job)
-    assert slurm_cluster.wait_state(job, FINAL, timeout=240) == "COMPLETED"
+    state = slurm_cluster.wait_state(job, FINAL, timeout=240)
+    assert state == "COMPLETED", (slurm_cluster.job_states(job), (tmp_path / "job.out").read_text())
     assert (tmp_path / "usr2.0").exists(), "USR2 did not reach the step before the preemption killed it"
     assert (tmp_path / "start.1").exists(), "the job did not restart with SLURM_RESTART_COUNT=1"
     states = slurm_cluster.job_states(job)
@@ -100,6 +101,7 @@ def test_scontrol_requeue_from_inside_a_job(slurm_cluster: SlurmCluster, tmp_pat
     (tmp_path / "requeue.sh").write_text(REQUEUER)
     job = slurm_cluster.sbatch(["-p", "low", "-c", "1", "--requeue", "-o", str(tmp_path / "job.out"),
                                 "--open-mode=append", str(tmp_path / "requeue.sh"), str(tmp_path)])  # fmt: skip
-    assert slurm_cluster.wait_state(job, FINAL, timeout=240) == "COMPLETED"
+    state = slurm_cluster.wait_state(job, FINAL, timeout=240)
+    assert state == "COMPLETED", (slurm_cluster.job_states(job), (tmp_path / "job.out").read_text())
     assert (tmp_path / "starts").read_text().split() == ["0", "1"]
     assert slurm_cluster.job_states(job) == ["REQUEUED", "COMPLETED"]
