@@ -10,8 +10,7 @@
 #   slurm/testcluster.sh purge    stop, then delete the folder (job ids start again at 1)
 #
 # Folder: $RLARITH_SLURM_DIR (default /tmp/rlarith-slurm). Ports on 127.0.0.1 from $RLARITH_SLURM_PORT
-# (default 6817: slurmctld 6817, slurmd 6818, slurmdbd 6819, MariaDB 6826). Facts behind the settings:
-# ../shared/notes/slurm-and-containers.md and slurm/README.md.
+# (default 6817: slurmctld 6817, slurmd 6818, slurmdbd 6819, MariaDB 6826). Why each setting: slurm/README.md.
 set -euo pipefail
 
 DIR=${RLARITH_SLURM_DIR:-/tmp/rlarith-slurm}
@@ -346,6 +345,9 @@ cmd_start() {
 	chmod 755 "$DIR" "$DIR/munge" "$DIR/etc"
 	chmod 700 "$DIR/mysql"
 	[[ -n ${SLURM_CONF_CHANGED:-} ]] || write_configs
+	# The daemons bind to what the hostname resolves to (NoInAddrAny): loopback keeps them off the network.
+	getent hosts "$NODE" | grep -q '^127\.' ||
+		say "warning: $NODE does not resolve to 127.x (add '127.0.0.1 $NODE' to /etc/hosts); the daemons may listen beyond loopback"
 	STARTED=()
 	STOPPED=()
 	# A changed config reaches running daemons only through a restart.
