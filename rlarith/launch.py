@@ -215,9 +215,10 @@ def watch(job: Any, cfg: RunConfig, out: Callable[[str], None] = print, poll_s: 
     try:
         out(f"{_stamp()} {job.result()}")
         return 0
-    except Exception as err:  # submitit raises the job's error (or an UncompletedJobError) as its own types
-        last = str(err).strip().splitlines()
-        out(f"{_stamp()} job {job.job_id} did not finish the run: {last[-1] if last else err}")
+    except Exception as err:  # submitit re-raises the job's error inside its own (with a traceback)
+        text = str(err)
+        reason = text.split("JobFailed: ", 1)[1].strip() if "JobFailed: " in text else text.strip()
+        out(f"{_stamp()} job {job.job_id} did not finish the run: {reason}")
         return 1
 
 
@@ -401,14 +402,18 @@ class TrainJob:
 
         forwarder = Forwarder().install()
         tail: collections.deque[str] = collections.deque(maxlen=20)
-        child = subprocess.Popen(
-            trainer_command(cfg, Path(self.config_path)), env=env, stderr=subprocess.PIPE
-        )
-        forwarder.attach(child)
-        tee = threading.Thread(target=_tee, args=(child.stderr, sys.stderr, tail), daemon=True)
-        tee.start()
-        rc = child.wait()
-        tee.join(timeout=10)
+        command = trainer_command(cfg, Path(self.config_path))
+        try:
+            child = subprocess.Popen(command, env=env, stderr=subprocess.PIPE)
+        except OSError as err:  # e.g. no apptainer on this node
+            tail.append(f"cannot start {command[0]}: {err}")
+            rc = 127
+        else:
+            forwarder.attach(child)
+            tee = threading.Thread(target=_tee, args=(child.stderr, sys.stderr, tail), daemon=True)
+            tee.start()
+            rc = child.wait()
+            tee.join(timeout=10)
 
         if rc == 0:
             ended, detail = "finished", ""
@@ -457,9 +462,10 @@ class TrainJob:
                 if ended == "timeout-limit"
                 else f"stopped on {detail}"
             )
+            saved = _latest_step(run_dir)
             raise JobFailed(
-                f"{hint}. The run is saved at checkpoint-{_latest_step(run_dir)} and resumes exactly: "
-                "submit the same command again."
+                f"{hint}. {f'The run is saved at checkpoint-{saved}' if saved else 'Nothing was saved yet'}"
+                " and resumes exactly: submit the same command again."
             )
         # preempted / timeout / requeued: rank 0 requeues the same job from the host; it resumes by itself.
         if rank == 0:
