@@ -58,11 +58,14 @@ def problems(cfg: RunConfig) -> list[Any]:
 
 
 def demo(cfg: RunConfig) -> int:
+    from transformers.utils import logging as hf_logging
+
     from rlarith.bootstrap import bootstrap
     from rlarith.checkpoints import latest_valid, step_of
     from rlarith.train import check_run_dir, train
     from rlarith.verdict import paired_verdict
 
+    hf_logging.disable_progress_bar()  # weight-loading bars at every measurement; the eval bars stay
     started = time.time()
     model = Path(cfg.model.path)
     if (model / "config.json").is_file():
