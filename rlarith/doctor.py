@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import platform
-import re
 import shutil
 import subprocess
 import sys
@@ -34,6 +33,7 @@ from pathlib import Path
 
 from rlarith.checkpoints import human_bytes, tree_bytes, valid_checkpoints
 from rlarith.config import ConfigError, RunConfig
+from rlarith.grace import SAVE_LINE, measured_times, partition_grace_s, verdict  # noqa: F401  (tests)
 
 PACKAGES = ("torch", "transformers", "trl", "deepspeed", "submitit", "accelerate", "datasets")
 KEPT_CHECKPOINTS = 5
@@ -42,8 +42,6 @@ BYTES_PER_PARAM = {False: 12, True: 16}
 """Checkpoint bytes per parameter, estimated before any exists: fp32 weights and Adam's two moments; a
 DeepSpeed checkpoint also holds the fp32 master copy (shared/notes/gpu-baseline.md: 8.2 GB for 0.5B)."""
 TRACES_MIN_FREE = 1 << 30
-SAVE_LINE = re.compile(r"\bsaved\b.*?(?:\bin |\()(\d+(?:\.\d+)?) s\b")
-"""A save's duration in a run log: ``saved <path> in 0.2 s`` or ``checkpoint-2 saved: ... (0.2 s)``."""
 
 
 @dataclass(frozen=True)
@@ -373,28 +371,6 @@ def check_model(cfg: RunConfig) -> Check:
     return ok("model", f"{model}: readable, {len(weights)} weight file(s), {size}")
 
 
-def measured_times(run_dir: Path) -> tuple[float | None, float | None]:
-    """The slowest recent step (``step_time`` of the last 50 logged steps in metrics.jsonl) and the slowest
-    save (the save lines of logs/rank0.log); None where the run has none yet."""
-    steps: list[float] = []
-    try:
-        for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-            try:
-                value = json.loads(line).get("step_time")
-            except ValueError:
-                continue  # a line cut by a kill
-            if isinstance(value, (int, float)):
-                steps.append(float(value))
-    except OSError:
-        pass
-    saves: list[float] = []
-    try:
-        saves = [float(m.group(1)) for m in SAVE_LINE.finditer((run_dir / "logs" / "rank0.log").read_text())]
-    except OSError:
-        pass
-    return (max(steps[-50:]) if steps else None), (max(saves) if saves else None)
-
-
 def check_grace(cfg: RunConfig) -> Check:
     delay = cfg.slurm.signal_delay_s
     step, save = measured_times(cfg.run_dir)
@@ -410,17 +386,8 @@ def check_grace(cfg: RunConfig) -> Check:
             f"checkpoints (e.g. training.max_steps=2 checkpoints.save_every=1) and run doctor again; "
             f"slurm.signal_delay_s={delay} s must cover one step and one save",
         )
-    need = step + save
-    detail = f"one step {step:.2f} s + one save {save:.2f} s = {need:.2f} s of slurm.signal_delay_s={delay} s"
-    if need > delay:
-        return fail(
-            "grace",
-            f"{detail}: a stop signal cannot end in a checkpoint; raise slurm.signal_delay_s "
-            f"to at least {2 * need:.0f}",
-        )
-    if 2 * need > delay:
-        return warn("grace", f"{detail}: under 2x headroom (steps and saves vary); consider {2 * need:.0f}")
-    return ok("grace", detail)
+    status, detail = verdict(step, save, delay, partition_grace_s(cfg.slurm.partition))
+    return Check(status, "grace", detail)
 
 
 # ------------------------------------------------------------------------------------------ all of it

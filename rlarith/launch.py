@@ -43,7 +43,8 @@ from typing import Any
 from rlarith import attempts
 from rlarith.checkpoints import valid_checkpoints
 from rlarith.config import ConfigError, RunConfig, save_config
-from rlarith.preemption import EXIT_STOPPED
+from rlarith.grace import measured_times, partition_grace_s, verdict
+from rlarith.preemption import EXIT_STOPPED, block_stop_signals
 
 FORWARDED = (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
 SLURM_SIGNAL_EARLY_S = 60
@@ -213,7 +214,7 @@ def watch(job: Any, cfg: RunConfig, out: Callable[[str], None] = print, poll_s: 
             out(f"stopped watching; job {job.job_id} goes on (rlarith status {cfg.run_dir})")
         return 130
     try:
-        out(f"{_stamp()} {job.result()}")
+        out(f"{_stamp()} {job.results()[0]}")  # one result per task; rank 0's says it all
         return 0
     except Exception as err:  # submitit re-raises the job's error inside its own (with a traceback)
         text = str(err)
@@ -321,20 +322,6 @@ def why_signalled(fields: dict[str, str], signalled_at: float, signal_delay_s: i
     return "timeout" if end - signalled_at <= signal_delay_s + SLURM_SIGNAL_EARLY_S else "requeued"
 
 
-def partition_grace_s(partition: str) -> int | None:
-    """The partition's preemption ``GraceTime`` in seconds (None when unknown)."""
-    if not partition:
-        return None
-    try:
-        text = subprocess.run(
-            ["scontrol", "show", "partition", "-o", partition], capture_output=True, text=True, timeout=30
-        ).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    match = re.search(r"GraceTime=(\d+)", text)
-    return int(match.group(1)) if match else None
-
-
 def _latest_step(run_dir: Path) -> int | None:
     valid = valid_checkpoints(run_dir)
     return valid[-1][0] if valid else None
@@ -387,6 +374,11 @@ class TrainJob:
         if grace is not None:
             env["RLARITH_GRACE_S"] = str(grace)
         if rank == 0:
+            step_s, save_s = measured_times(run_dir)  # from earlier attempts, when there were any
+            if step_s is not None and save_s is not None:
+                status, detail = verdict(step_s, save_s, cfg.slurm.signal_delay_s, grace)
+                if status != "OK":
+                    print(f"rlarith: grace budget {status}: {detail}", file=sys.stderr, flush=True)
             resumed = _latest_step(run_dir)
             attempts.append(
                 run_dir,
@@ -404,7 +396,10 @@ class TrainJob:
         tail: collections.deque[str] = collections.deque(maxlen=20)
         command = trainer_command(cfg, Path(self.config_path))
         try:
-            child = subprocess.Popen(command, env=env, stderr=subprocess.PIPE)
+            # On the host the trainer starts with the stop signals blocked (pending, not fatal) until its
+            # handler is in place; a container runtime would pass the mask on to its own forwarding.
+            block = None if cfg.slurm.container else block_stop_signals
+            child = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, preexec_fn=block)
         except OSError as err:  # e.g. no apptainer on this node
             tail.append(f"cannot start {command[0]}: {err}")
             rc = 127

@@ -60,6 +60,7 @@ from rlarith.checkpoints import (
 )
 from rlarith.config import ConfigError, RunConfig, flat, load_config, save_config
 from rlarith.data import TrainProblems, make_task
+from rlarith.grace import verdict
 from rlarith.preemption import EXIT_STOPPED, StopRequest, agree
 from rlarith.prompts import messages
 from rlarith.quiet import expect_tied_keys, warn_once
@@ -409,6 +410,17 @@ def make_trainer_class() -> type:
                     f"; removed {removed}" if removed else "",
                 )
             run.policy.add_save_time(time.time() - started - run.policy.last_save_s)
+            if self.accelerator.is_main_process and not run.grace_checked:
+                run.grace_checked = True
+                grace = os.environ.get("RLARITH_GRACE_S")  # set by the job driver under SLURM
+                status, detail = verdict(
+                    run.step_s,
+                    time.time() - started,
+                    run.cfg.slurm.signal_delay_s,
+                    int(grace) if grace else None,
+                )
+                if status != "OK":
+                    log.warning("grace budget %s: %s", status, detail)
             self.accelerator.wait_for_everyone()
 
         def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -485,6 +497,8 @@ class RunContext:
         self.policy = SavePolicy.from_config(cfg.checkpoints)
         self.pending_reward, self.pending_reasons = 0.0, []  # set by the step callback before a save
         self.stopped = False
+        self.step_started, self.step_s = time.time(), 0.0  # the last step's wall time (grace budget)
+        self.grace_checked = False  # the budget is judged once per attempt, after its first save
         self.traces: Any = None  # rlarith.traces.TraceWriter when enabled
         self.reward_names = list(REWARD_FUNCTIONS)
         self.weights = [float(cfg.rewards.weights.get(n, 0.0)) for n in self.reward_names]
@@ -565,8 +579,13 @@ def make_callbacks(run: RunContext, trainer: Any) -> list[Any]:
     class StepBoundary(TrainerCallback):
         """At each step end: agree on a stop request, apply the save policy."""
 
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+            run.step_started = time.time()
+            return control
+
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
             step = state.global_step
+            run.step_s = time.time() - run.step_started  # generation included (TRL generates in the step)
             if step % boundary:
                 return control  # mid generation batch: saving here would not resume exactly
             exact, total, elapsed = window_reward(run, trainer)

@@ -283,3 +283,16 @@ def test_killed_during_a_save_resumes_from_the_previous_valid_checkpoint(slurm_c
     assert len(rows) == 2 and "ended" not in rows[0] and rows[1]["ended"] == "finished"  # no end: killed
     assert rows[1]["first_step"] <= logged_step(run_dir)
     assert_matches_reference(run_dir, reference)
+
+
+def test_trainer_warns_when_a_step_and_a_save_do_not_fit_the_signal_lead(
+    sft_model: Path, tmp_path: Path
+) -> None:
+    args = [
+        a
+        for a in job_args(sft_model, tmp_path, "tight", "training.max_steps=2")
+        if not a.startswith("slurm.")
+    ]
+    assert run(["train", *args, "slurm.signal_delay_s=0"], tmp_path / "log") == 0
+    (line,) = [x for x in (tmp_path / "log").read_text().splitlines() if "grace budget" in x]
+    assert "FAIL" in line and "of 0 s (slurm.signal_delay_s)" in line and "raise slurm.signal_delay_s" in line
