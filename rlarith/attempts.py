@@ -33,8 +33,10 @@ ENDINGS = {
 """Why an attempt ended (the ``ended`` field of an end record)."""
 
 
-def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+def now_iso(seconds: float | None = None) -> str:
+    """``2026-11-26T04:08:20.897Z``: UTC, milliseconds (``seconds`` since the epoch; default now)."""
+    moment = datetime.now(timezone.utc) if seconds is None else datetime.fromtimestamp(seconds, timezone.utc)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 @dataclass
@@ -59,6 +61,8 @@ class Attempt:
     """end: a key of ``ENDINGS``."""
     exit: int | None = None
     """end: the trainer's exit status (negative: killed by that signal)."""
+    signalled: str | None = None
+    """end: when the driver received the stop signal (ISO time), if it did."""
     detail: str = ""
 
 

@@ -441,6 +441,7 @@ class TrainJob:
                     checkpoint=_latest_step(run_dir),
                     ended=ended,
                     exit=rc,
+                    signalled=attempts.now_iso(forwarder.received_at) if forwarder.received_at else None,
                     detail=detail,
                 ),
             )

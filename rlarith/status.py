@@ -3,24 +3,16 @@ it ended), the latest valid checkpoint and the last metrics line. Reads the run 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from rlarith import attempts
+from rlarith import attempts, metrics
 from rlarith.checkpoints import valid_checkpoints
 
 
 def last_metrics(run_dir: Path) -> dict | None:
-    """The last complete record of ``metrics.jsonl``."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return None
-    for line in reversed(path.read_text().splitlines()):
-        try:
-            return json.loads(line)
-        except json.JSONDecodeError:
-            continue
-    return None
+    """The last logged training step of ``metrics.jsonl`` (not the end-of-training summary)."""
+    steps = [r for r in metrics.read(run_dir) if "loss" in r]
+    return steps[-1] if steps else None
 
 
 def report(run_dir: Path) -> str:
