@@ -5,8 +5,10 @@
     python benchmarks/gpu_overhead.py report --steps 25 --out results.md a=DIR b=DIR c=DIR a2=DIR
 
 ``bare`` runs TRL's own GRPOTrainer (no rlarith subclass, callbacks or traces) on exactly the workload of
-``rlarith train -c configs/positive_control.yaml``: the same dataset rows (rlarith.train.build_dataset, the
-same seeded problem order), the same GRPOConfig arguments as rlarith/train.py, reward rlarith.rewards.exact.
+``rlarith train -c configs/positive_control.yaml``: the same dataset rows (build_dataset, the same seeded
+problem order), the very GRPOConfig rlarith builds, the same reward functions and weights (``bare_trainer``,
+also used in-process by benchmarks/checkpoint_save.py; benchmarks/step_overhead.py is this comparison on
+CPU, its runs alternated).
 It writes ``<out>/metrics.jsonl`` in rlarith's format (one line per logged step: ISO time, step, TRL's logs),
 so ``report`` reads all runs the same way:
 
@@ -27,6 +29,19 @@ import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+try:  # rlarith.training since rlarith/train.py became a package; rlarith.train before
+    from rlarith.training.grpo_config import build_dataset, grpo_config, reward_functions
+    from rlarith.training.identity import iso_time
+    from rlarith.training.sealing import checkpoint_contents  # noqa: F401 (for checkpoint_save.py)
+except ImportError:  # pragma: no cover - the layout before the split
+    from rlarith.train import (
+        build_dataset,
+        checkpoint_contents,  # noqa: F401 (for checkpoint_save.py)
+        grpo_config,
+        iso_time,
+        reward_functions,
+    )
 
 SHAPES = {
     # Qwen2.5-0.5B's shape as a Llama (transformers 5 reloads the character tokenizer exactly with a Llama).
@@ -69,36 +84,37 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bare(args: argparse.Namespace) -> int:
+WORKLOAD = [  # the gpu-baseline workload (shared/notes/gpu-baseline.md); gpu_overhead.sh gives rlarith the same
+    "training.num_generations=8",
+    "training.max_completion_length=8",
+    "training.learning_rate=1e-6",
+    "training.deepspeed=none",
+    "training.report_to=[]",
+]
+
+
+def bare_trainer(model: Any, out: Path, steps: int, prompts: int, dtype: str) -> Any:
+    """TRL's own GRPOTrainer on the workload ``rlarith train -c configs/positive_control.yaml`` runs with
+    the same overrides: the same dataset rows (build_dataset, the same seeded problem order), the very
+    GRPOConfig rlarith builds (one rank, no DeepSpeed), the same reward functions and weights. ``model``: a
+    folder or a model object. A callback appends rlarith's metrics.jsonl line (ISO time, step, logs) to
+    ``out/metrics.jsonl``; nothing else of rlarith's runs."""
     import numpy as np
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback
+    from transformers import AutoModelForCausalLM, PrinterCallback, TrainerCallback
     from transformers.utils import logging as hf_logging
     from trl import GRPOTrainer
 
     from rlarith.config import load_config
     from rlarith.data import TrainProblems, make_task
-    from rlarith.rewards import exact
-    from rlarith.train import build_dataset, grpo_config, iso_time
+    from rlarith.rewards import REWARD_FUNCTIONS
+    from rlarith.tinymodel import build_tokenizer
 
-    # The config rlarith train sees with the benchmark's overrides: the same task, prompts and data order.
-    cfg = load_config(
-        "configs/positive_control.yaml",
-        [
-            f"model.path={args.model}",
-            f"model.dtype={args.dtype}",
-            f"training.max_steps={args.steps}",
-            f"training.prompts_per_step={args.prompts}",
-            "training.num_generations=8",
-            "training.max_completion_length=8",
-            "training.learning_rate=1e-6",
-            "training.deepspeed=none",
-            "training.report_to=[]",
-            f"runs_dir={args.out}",
-        ],
-    )
+    path = model if isinstance(model, (str, Path)) else "unused"
+    overrides = [f"model.path={path}", f"model.dtype={dtype}", f"training.max_steps={steps}",
+                 f"training.prompts_per_step={prompts}", *WORKLOAD, f"runs_dir={out}"]  # fmt: skip
+    cfg = load_config("configs/positive_control.yaml", overrides)
     t = cfg.training
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     metrics_path = out / "metrics.jsonl"
     metrics_path.unlink(missing_ok=True)
@@ -109,16 +125,19 @@ def cmd_bare(args: argparse.Namespace) -> int:
     np.random.seed(t.seed)
     torch.manual_seed(t.seed)
 
-    on_gpu = torch.cuda.is_available()
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
+    if isinstance(model, (str, Path)):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(model))
+        model = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32)
+    else:
+        tokenizer = build_tokenizer()
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=torch.float32)
     dataset = build_dataset(cfg, TrainProblems(make_task(cfg.task), cfg.data, t.seed))
-
-    # The very GRPOConfig rlarith builds (one rank, no DeepSpeed), with only the exact reward.
-    grpo_args = grpo_config(cfg, t.prompts_per_step * t.num_generations, None, [1.0])
+    weights = [float(cfg.rewards.weights.get(n, 0.0)) for n in REWARD_FUNCTIONS]
+    grpo_args = grpo_config(cfg, t.prompts_per_step * t.num_generations, None, weights)
 
     class Metrics(TrainerCallback):
         """rlarith's metrics.jsonl line (ISO time, step, logs), nothing else."""
@@ -130,14 +149,26 @@ def cmd_bare(args: argparse.Namespace) -> int:
             return control
 
     trainer = GRPOTrainer(
-        model=model, reward_funcs=[exact], args=grpo_args, train_dataset=dataset, processing_class=tokenizer
+        model=model,
+        reward_funcs=reward_functions(cfg, {}),
+        args=grpo_args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
     )
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(Metrics())
-    print(f"bare TRL: {t.max_steps} steps x {t.prompts_per_step} prompts x {t.num_generations} generations, "
-          f"bf16={grpo_args.bf16}, device={trainer.accelerator.device}", flush=True)  # fmt: skip
+    return trainer
+
+
+def cmd_bare(args: argparse.Namespace) -> int:
+    import torch
+
+    trainer = bare_trainer(args.model, Path(args.out), args.steps, args.prompts, args.dtype)
+    a = trainer.args
+    print(f"bare TRL: {a.max_steps} steps x {a.per_device_train_batch_size} completions, "
+          f"bf16={a.bf16}, device={trainer.accelerator.device}", flush=True)  # fmt: skip
     trainer.train()
-    if on_gpu:
+    if torch.cuda.is_available():
         print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
     print(f"finished at step {trainer.state.global_step}")
     return 0
@@ -147,24 +178,38 @@ def _seconds(iso: str) -> float:
     return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
 
 
-def run_stats(path: Path, first: int, last: int) -> dict[str, Any]:
-    """Medians over steps first..last of one run's metrics.jsonl (a missing file gives empty stats)."""
+def step_series(path: Path, first: int, last: int) -> dict[str, list[float]]:
+    """Per-step values of steps first..last of one run's metrics.jsonl (a missing file gives empty lists):
+    ``step_time`` (TRL's), ``wall`` (the gap to the previous step's line), ``write_s`` (the trace recorder's)
+    and ``reward``."""
     rows = []
     if path.is_file():
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     rows = [r for r in rows if "step_time" in r]
     times = {r["step"]: _seconds(r["time"]) for r in rows}
     used = [r for r in rows if first <= r["step"] <= last]
-    walls = [times[r["step"]] - times[r["step"] - 1] for r in used if r["step"] - 1 in times]
-    shares = [r["traces/write_s"] / r["step_time"] for r in used if "traces/write_s" in r and r["step_time"]]
+    return {
+        "step_time": [r["step_time"] for r in used],
+        "wall": [times[r["step"]] - times[r["step"] - 1] for r in used if r["step"] - 1 in times],
+        "write_s": [r["traces/write_s"] for r in used if "traces/write_s" in r],
+        "share": [
+            r["traces/write_s"] / r["step_time"] for r in used if "traces/write_s" in r and r["step_time"]
+        ],
+        "reward": [r.get("reward", 0.0) for r in used],
+    }
+
+
+def run_stats(path: Path, first: int, last: int) -> dict[str, Any]:
+    """Medians over steps first..last of one run's metrics.jsonl (a missing file gives empty stats)."""
+    s = step_series(path, first, last)
     med = statistics.median
     return {
-        "n": len(used),
-        "step_time": med([r["step_time"] for r in used]) if used else None,
-        "wall": med(walls) if walls else None,
-        "write_s": med([r["traces/write_s"] for r in used if "traces/write_s" in r]) if shares else None,
-        "share": med(shares) if shares else None,
-        "reward": statistics.fmean(r.get("reward", 0.0) for r in used) if used else None,
+        "n": len(s["step_time"]),
+        "step_time": med(s["step_time"]) if s["step_time"] else None,
+        "wall": med(s["wall"]) if s["wall"] else None,
+        "write_s": med(s["write_s"]) if s["share"] else None,
+        "share": med(s["share"]) if s["share"] else None,
+        "reward": statistics.fmean(s["reward"]) if s["reward"] else None,
     }
 
 

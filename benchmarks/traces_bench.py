@@ -2,8 +2,9 @@
 
     .venv/bin/python benchmarks/traces_bench.py [--steps 1000] [--samples 64] [--group 8]
 
-Prints markdown (pasted into benchmarks/traces.md): bytes per sample, writer throughput and the cost of
-``write_step`` per step next to a JSON-lines writer in the same run, read times, and the layout study
+Prints markdown, also written to benchmarks/results/traces_bench.md with the machine, versions and date
+(``--out``; benchmarks/traces.md explains the design with an earlier run's numbers): bytes per sample,
+writer throughput and the cost of ``write_step`` per step next to a JSON-lines writer in the same run, read times, and the layout study
 that chose the shard format (text: dictionary / prompt table / blocks; numbers: gzip level; HDF5 libver;
 one HDF5 file per step instead of a journal).
 
@@ -15,6 +16,7 @@ Records: prompts in Qwen's chat format ("Compute 123 * 45. ..."), completions th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import math
@@ -22,6 +24,7 @@ import os
 import random
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 import zlib
@@ -30,6 +33,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import zstandard
+from benchenv import REPO, write_results
 
 from rlarith import traces
 from rlarith.config import TraceConfig
@@ -257,13 +261,30 @@ def jsonl_of(tr: traces.Traces) -> int:
     return size
 
 
+class _Tee(io.StringIO):
+    """stdout that is also kept, for the results file."""
+
+    def write(self, text: str) -> int:
+        sys.__stdout__.write(text)
+        return super().write(text)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--group", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "traces_bench.md"))
     args = ap.parse_args()
+    tee = _Tee()
+    with contextlib.redirect_stdout(tee):
+        run(args)
+    title = "Trace writer: size per sample, write cost per step, reads"
+    print(f"written to {write_results(args.out, title, tee.getvalue())}")
+
+
+def run(args: argparse.Namespace) -> None:
     rng = random.Random(args.seed)
     data = [synth_step(rng, s, args.steps, args.samples, args.group) for s in range(args.steps)]
     n = args.steps * args.samples
