@@ -296,3 +296,31 @@ def test_trainer_warns_when_a_step_and_a_save_do_not_fit_the_signal_lead(
     assert run(["train", *args, "slurm.signal_delay_s=0"], tmp_path / "log") == 0
     (line,) = [x for x in (tmp_path / "log").read_text().splitlines() if "grace budget" in x]
     assert "FAIL" in line and "of 0 s (slurm.signal_delay_s)" in line and "raise slurm.signal_delay_s" in line
+
+
+@pytest.mark.slow
+def test_plain_sbatch_template_is_preempted_and_resumes(slurm_cluster, sft_model: Path, tmp_path: Path, reference: Path) -> None:  # fmt: skip
+    """slurm/rlarith.sbatch, for users without submitit: the same stop, requeue and exact resume."""
+    env, run_dir = slurm_cluster.env, tmp_path / "plain-sbatch"
+    args = [a for a in job_args(sft_model, tmp_path, "plain-sbatch") if not a.startswith("slurm.")]
+    resolved = subprocess.run(
+        [sys.executable, "-m", "rlarith.cli", "config", *args], capture_output=True, text=True
+    )
+    (tmp_path / "run.yaml").write_text(resolved.stdout)
+    job = slurm_cluster.sbatch([
+        "-p", "low", "-c", "1", "--mem=1G", "--gpus-per-node=0", "--signal=USR2@30", "-D", str(REPO),
+        "-o", str(tmp_path / "job.out"), "--export", f"ALL,CONFIG={tmp_path / 'run.yaml'},OMP_NUM_THREADS=1,"
+        f"PATH={Path(sys.executable).parent}:{os.environ['PATH']}", str(REPO / "slurm" / "rlarith.sbatch"),
+    ])  # fmt: skip
+    wait_for(
+        lambda: logged_step(run_dir) >= 3 or slurm_cluster.job_state(job) in ("FAILED", "COMPLETED"),
+        timeout=180,
+    )
+    preempt(env)
+    slurm_cluster.wait_state(job, ["COMPLETED", "FAILED", "CANCELLED"], timeout=400)
+    states = slurm_cluster.job_states(job)
+    # The script requeues itself on exit 75 (REQUEUED) unless SLURM's grace ran out first (PREEMPTED).
+    assert states in (["REQUEUED", "COMPLETED"], ["PREEMPTED", "COMPLETED"]), (
+        tmp_path / "job.out"
+    ).read_text()[-3000:]
+    assert_matches_reference(run_dir, reference)
