@@ -33,6 +33,7 @@ def job_args(model: Path, runs: Path, name: str, *extra: str) -> list[str]:
         f"name={name}", f"runs_dir={runs}", f"model.path={model}",
         f"training.max_steps={STEPS}", "training.prompts_per_step=4", "training.num_generations=4",
         "training.max_completion_length=5", "training.learning_rate=1e-3", "training.report_to=[]",
+        "rewards.weights.partial=1", "rewards.weights.format=0.5",  # a dense reward: real updates to compare
         "checkpoints.save_every=2", "checkpoints.reward_threshold=2.0", "checkpoints.save_on_best=false",
         "slurm.executor=slurm", "slurm.partition=low", "slurm.cpus_per_task=1", "slurm.mem_gb=1",
         "slurm.timeout_min=10", "slurm.signal_delay_s=30", f"slurm.logs_dir={runs / 'submitit'}",
@@ -114,6 +115,7 @@ def reference(sft_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     runs = tmp_path_factory.mktemp("submit-ref")
     args = [a for a in job_args(sft_model, runs, "ref") if not a.startswith("slurm.")]
     assert run(["train", *args], runs / "log") == 0, (runs / "log").read_text()[-3000:]
+    assert any(m["grad_norm"] > 0 for m in metrics(runs / "ref").values()), "the weights must move"
     return runs / "ref"
 
 
