@@ -69,7 +69,7 @@ def bootstrap(
     from trl import SFTConfig, SFTTrainer
 
     from rlarith.quiet import warn_once
-    from rlarith.train import setup_logging
+    from rlarith.training.logs import setup_logging
 
     step_filter = setup_logging()  # the same timestamped lines as `rlarith train`
     disable_progress_bar()  # datasets' map bars over every example: noise, not progress

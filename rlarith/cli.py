@@ -68,7 +68,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     stop = StopRequest().install()
     try:
-        from rlarith.train import train
+        from rlarith.training.run import train
 
         return train(load_config(args.config, args.overrides), force=args.force, stop=stop)
     except KeyboardInterrupt:

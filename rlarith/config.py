@@ -227,8 +227,8 @@ class TrainingConfig:
             "training.loss_type",
             f"use grpo, dapo, dr_grpo or bnpo; got {self.loss_type!r}.",
         )
-        # The one check of this key (rlarith.train.deepspeed_config trusts it): a user's file must exist
-        # and hold JSON now, not when DeepSpeed starts after the model has loaded.
+        # The one check of this key (rlarith.training.grpo_config.deepspeed_config trusts it): a user's
+        # file must exist and hold JSON now, not when DeepSpeed starts after the model has loaded.
         if self.deepspeed not in ("none", "zero2", "zero3"):
             _check(
                 Path(self.deepspeed).is_file(),
@@ -552,6 +552,19 @@ def save_config(cfg: RunConfig, path: str | Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(to_yaml(cfg))
     os.replace(tmp, path)
+
+
+# Prefixes of the ``flat`` keys that may change between the attempts of one run: they do not change what
+# is trained (runs_dir: where the run lives; a run directory moved or copied elsewhere is the same run).
+RESUMABLE_KEYS = (
+    "runs_dir",
+    "training.max_steps",
+    "training.logging_steps",
+    "training.report_to",
+    "eval.",
+    "slurm.",
+    "traces.",
+)
 
 
 def flat(cfg: RunConfig) -> dict[str, Any]:

@@ -62,7 +62,8 @@ def demo(cfg: RunConfig) -> int:
 
     from rlarith.bootstrap import bootstrap
     from rlarith.checkpoints import latest_valid, step_of
-    from rlarith.train import check_run_dir, train
+    from rlarith.training.preflight import check_run_dir
+    from rlarith.training.run import train
     from rlarith.verdict import paired_verdict
 
     hf_logging.disable_progress_bar()  # weight-loading bars at every measurement; the eval bars stay

@@ -124,7 +124,7 @@ def _driver_version() -> str:
 def deepspeed_ops_needed(cfg: RunConfig, on_cpu: bool) -> list[tuple[str, str]]:
     """``(op builder class, why)`` for the DeepSpeed ops this config loads. The shipped ZeRO configs let
     the HF Trainer pass torch's AdamW to DeepSpeed and offload nothing: on GPUs they need no op at all."""
-    from rlarith.train import deepspeed_config
+    from rlarith.training.grpo_config import deepspeed_config
 
     path = deepspeed_config(cfg)
     if path is None:
@@ -348,7 +348,7 @@ def _weight_files(model: Path) -> list[Path]:
 
 
 def check_model(cfg: RunConfig) -> Check:
-    from rlarith.train import check_model_path
+    from rlarith.training.preflight import check_model_path
 
     try:
         check_model_path(cfg)

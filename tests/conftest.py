@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -62,3 +63,37 @@ def wait_for(predicate, timeout: float = 300, interval: float = 0.05) -> None:
         if time.time() > deadline:
             raise TimeoutError("condition not met in time")
         time.sleep(interval)
+
+
+def assert_traces_recompute(run_dir: Path, prompts: int = 4, generations: int = 4) -> Any:
+    """A real run's traces, checked against the traced text (not against the values they were copied
+    from): every reward recomputed from the completion with rlarith.rewards, the total with the run's
+    weights, parsed with the shared parser, and the advantage with GRPO's group normalisation of those
+    totals; each step holds ``prompts`` x ``generations`` completions, prompt-major across ranks.
+    Returns the traces' frame."""
+    import numpy as np
+    import pandas as pd
+
+    from rlarith import traces
+    from rlarith.answers import extract_answer
+    from rlarith.config import load_config
+    from rlarith.rewards import REWARD_FUNCTIONS
+
+    cfg = load_config(run_dir / "config.yaml")
+    df = traces.open(run_dir).frame()
+    mode = cfg.rewards.extraction
+    for step, rows in df.groupby("step"):
+        assert len(rows) == prompts * generations and rows["key"].nunique() == prompts
+        texts, truths = rows["completion"].tolist(), [int(t) for t in rows["truth"]]
+        total = np.zeros(len(rows))
+        for name, weight in cfg.rewards.weights.items():
+            want = REWARD_FUNCTIONS[name](texts, truths, mode=mode)
+            assert rows[f"reward/{name}"].tolist() == want, (step, name)
+            total += weight * np.asarray(want)
+        assert rows["reward_total"].to_numpy() == pytest.approx(total, abs=1e-9)
+        assert [None if pd.isna(p) else p for p in rows["parsed"]] == [extract_answer(t, mode) for t in texts]
+        groups = total.reshape(prompts, generations)  # a prompt's completions together, rank after rank
+        adv = (groups - groups.mean(1, keepdims=True)) / (groups.std(1, ddof=1, keepdims=True) + 1e-4)
+        assert rows["advantage"].to_numpy() == pytest.approx(adv.reshape(-1), rel=1e-4, abs=1e-4), step
+    assert df["reward_total"].std() > 0  # the rewards vary, so the comparisons above have teeth
+    return df

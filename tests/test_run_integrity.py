@@ -382,14 +382,14 @@ def test_a_process_that_ignores_sigint_keeps_ignoring_it():
 
 
 def test_rlarith_train_installs_the_stop_handler_before_any_heavy_import(tmp_path):
-    # An import hook notes the SIGTERM handler at the moment torch, transformers or rlarith.train load.
+    # An import hook notes the SIGTERM handler at the moment torch, transformers or rlarith.training.run load.
     code = textwrap.dedent(
         f"""
         import signal, sys
         seen = {{}}
         class Spy:
             def find_spec(self, name, path=None, target=None):
-                if name in ("torch", "transformers", "rlarith.train", "rlarith.data") and name not in seen:
+                if name in ("torch", "transformers", "rlarith.training.run", "rlarith.data") and name not in seen:
                     seen[name] = signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None)
                 return None
         sys.meta_path.insert(0, Spy())
@@ -401,7 +401,9 @@ def test_rlarith_train_installs_the_stop_handler_before_any_heavy_import(tmp_pat
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
                          env=rlarith_env())  # fmt: skip
     code_, _, seen = out.stdout.partition(" ")
-    assert code_ == "2" and "('rlarith.train', True)" in seen and "False" not in seen, out.stdout + out.stderr
+    assert code_ == "2" and "('rlarith.training.run', True)" in seen and "False" not in seen, (
+        out.stdout + out.stderr
+    )
 
 
 def test_a_copied_run_directory_still_verifies(tmp_path):

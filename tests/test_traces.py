@@ -563,11 +563,8 @@ def test_traced_rewards_recompute_from_the_traced_text(sft_model, tmp_path):
     """A real run's traces: every reward recomputed from the traced completion text with rlarith.rewards,
     the total with the config's weights, parsed with the shared parser, and the advantage with GRPO's group
     normalisation of those totals; each step holds 4 prompts x 4 completions."""
-    from conftest import REPO
+    from conftest import REPO, assert_traces_recompute
     from conftest import run as run_cli
-    from rlarith.answers import extract_answer
-    from rlarith.config import load_config
-    from rlarith.rewards import REWARD_FUNCTIONS
 
     args = [
         "--config", str(REPO / "configs" / "default.yaml"), "name=tr", f"runs_dir={tmp_path}",
@@ -577,21 +574,5 @@ def test_traced_rewards_recompute_from_the_traced_text(sft_model, tmp_path):
         "training.report_to=[]",
     ]  # fmt: skip
     assert run_cli(["train", *args], tmp_path / "log") == 0, (tmp_path / "log").read_text()[-3000:]
-    cfg = load_config(tmp_path / "tr" / "config.yaml")
-    df = traces.open(tmp_path / "tr").frame()
+    df = assert_traces_recompute(tmp_path / "tr")
     assert df["step"].unique().tolist() == [1, 2, 3]
-    mode = cfg.rewards.extraction
-    for step, rows in df.groupby("step"):
-        assert len(rows) == 16 and rows["key"].nunique() == 4
-        texts, truths = rows["completion"].tolist(), [int(t) for t in rows["truth"]]
-        total = np.zeros(len(rows))
-        for name, weight in cfg.rewards.weights.items():
-            want = REWARD_FUNCTIONS[name](texts, truths, mode=mode)
-            assert rows[f"reward/{name}"].tolist() == want, (step, name)
-            total += weight * np.asarray(want)
-        assert rows["reward_total"].to_numpy() == pytest.approx(total, abs=1e-9)
-        assert [None if pd.isna(p) else p for p in rows["parsed"]] == [extract_answer(t, mode) for t in texts]
-        groups = total.reshape(4, 4)  # prompt-major: num_generations completions of one prompt together
-        adv = (groups - groups.mean(1, keepdims=True)) / (groups.std(1, ddof=1, keepdims=True) + 1e-4)
-        assert rows["advantage"].to_numpy() == pytest.approx(adv.reshape(-1), rel=1e-4, abs=1e-4), step
-    assert df["reward_total"].std() > 0  # the rewards vary, so the comparisons above have teeth

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from safetensors.numpy import load_file
 
-from conftest import REPO, cli, rlarith_env, run, start, wait_for
+from conftest import REPO, assert_traces_recompute, cli, rlarith_env, run, start, wait_for
 from rlarith.checkpoints import valid_checkpoints
 from rlarith.preemption import EXIT_STOPPED
 
@@ -59,18 +59,16 @@ def metrics(run_dir: Path) -> dict[int, dict]:
 
 
 def assert_traces_match_metrics(run_dir: Path, world: int = 1) -> None:
-    """Every step is in the traces once (default view), 16 completions of 4 problems, and the traced
-    rewards average to exactly what the trainer logged for that step."""
-    import rlarith.traces
-
-    frame = rlarith.traces.open(run_dir).frame()
+    """Every step is in the traces once (default view), 16 completions of 4 problems on ``world`` ranks,
+    each reward and advantage recomputed from the traced text, and the logged exact-match mean is that of
+    the recomputed rewards."""
+    frame = assert_traces_recompute(run_dir)
     logged = metrics(run_dir)
     assert sorted(frame["step"].unique()) == sorted(logged)
     for step, rows in frame.groupby("step"):
-        assert len(rows) == 16 and rows["key"].nunique() == 4 and rows["rank"].nunique() == world
+        assert rows["rank"].nunique() == world and rows["prompt"].str.contains("Compute").all()
         assert rows["reward/exact"].mean() == pytest.approx(logged[step]["rewards/exact/mean"], abs=1e-6)
         assert rows["reward_total"].mean() == pytest.approx(logged[step]["reward"], abs=1e-5)
-        assert rows["prompt"].str.contains("Compute").all() and rows["advantage"].abs().sum() >= 0
 
 
 def weights(checkpoint: Path) -> dict:
@@ -271,7 +269,7 @@ def test_two_ranks_deepspeed_stop_on_one_rank_and_resume_exactly(sft_model, tmp_
     common = [f"training.deepspeed={stage}"]
     # The reference runs under torchrun (the README's launch); the interrupted run as SLURM tasks would.
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                str(_free_port()), "-m", "rlarith.train", *small(sft_model, tmp_path, "ref2", *common)]  # fmt: skip
+                str(_free_port()), "-m", "rlarith.cli", "train", *small(sft_model, tmp_path, "ref2", *common)]  # fmt: skip
     ref = subprocess.run(torchrun, cwd=REPO, env=rlarith_env(DS_ACCELERATOR="cpu"), capture_output=True, text=True,
                          timeout=900)  # fmt: skip
     assert ref.returncode == 0, ref.stdout[-3000:] + ref.stderr[-3000:]

@@ -20,7 +20,7 @@ import pytest
 from conftest import REPO, rlarith_env
 from rlarith.checkpoints import valid_checkpoints
 from rlarith.config import ConfigError, load_config
-from rlarith.train import deepspeed_config
+from rlarith.training.grpo_config import deepspeed_config
 
 
 @pytest.fixture(scope="module")

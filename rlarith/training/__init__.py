@@ -1,0 +1,15 @@
+"""Training: GRPO on TRL's GRPOTrainer, one concept per file (``run`` states the algorithm).
+
+- ``run``: ``train()``, a run's start to its exit status, read top to bottom;
+- ``identity``: who is running (rank, attempt, run id) and ISO timestamps;
+- ``preflight``: checks that run before any compute is spent (run directory, model path, batch layout);
+- ``grpo_config``: what TRL is given (GRPOConfig, dataset rows, reward functions, the DeepSpeed JSON);
+- ``trainer``: the GRPOTrainer subclass and its one override of TRL (``generated``: the adapter to it);
+- ``context``: what the trainer and callbacks share for one attempt;
+- ``recording``: one trace row per completion;
+- ``sealing``: a save sealed complete, pruned and reported;
+- ``callbacks``: step boundaries (stop, save policy), metrics lines, a forced learning rate;
+- ``logs``: log line format (ISO time, step, rank), screen vs the run's log file.
+
+Nothing is imported here: the launcher imports parts of rlarith without torch.
+"""

@@ -1,0 +1,42 @@
+"""Trace recording: one trace row per local completion of a generation batch."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from rlarith.answers import extract_answer
+
+if TYPE_CHECKING:
+    from rlarith.training.context import RunContext
+    from rlarith.training.trainer import Generated
+
+
+def record(run: RunContext, trainer: Any, inputs: list[dict[str, Any]], batch: Generated) -> None:
+    """One trace row per local completion: exact model input and output, rewards, advantage."""
+    started = time.perf_counter()
+    tok = trainer.processing_class
+    prompts = [
+        tok.decode(ids[m.bool()].tolist(), skip_special_tokens=False)
+        for ids, m in zip(batch.prompt_ids, batch.prompt_mask)
+    ]
+    ids_list = [ids[m.bool()].tolist() for ids, m in zip(batch.completion_ids, batch.completion_mask)]
+    completions = tok.batch_decode(ids_list, skip_special_tokens=True)
+    truths = [int(x["answer"]) for x in inputs]
+    samples: dict[str, list[Any]] = {
+        "prompt": prompts,
+        "completion": completions,
+        "completion_ids": ids_list,
+        "key": [x["key"] for x in inputs],
+        "truth": truths,
+        "parsed": [extract_answer(c, run.cfg.rewards.extraction) for c in completions],
+    }
+    total = [0.0] * len(completions)
+    for name, weight in zip(run.reward_names, run.weights):
+        values = run.rewards[name]  # what the reward functions returned for this very batch
+        samples[f"reward/{name}"] = values
+        total = [t + weight * v for t, v in zip(total, values)]
+    samples["reward_total"] = total
+    samples["advantage"] = batch.advantages.tolist()
+    run.traces.write_step(trainer.state.global_step + 1, samples)
+    run.trace_seconds += time.perf_counter() - started
