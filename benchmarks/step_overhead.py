@@ -9,7 +9,7 @@ callbacks, subclass or traces). Each run is its own process:
   A  bare TRL GRPOTrainer (``gpu_overhead.py bare``)
   B  ``rlarith train`` as users run it (traces on; no save before the final step, which is not counted)
 The model: rlarith.tinymodel's tiny Llama (``--shape tiny``, ~1M parameters, the CPU positive control's
-shape; random weights) or a wider one (``--shape small``, hidden 512 x 8 layers, ~25M).
+shape; random weights) or a wider one (``--shape small``, hidden 256 x 6 layers, ~6M).
 
 The table: per variant, the median of every step's time pooled over its runs (steps 3..STEPS-1: warm-up
 and the final save left out) with its interquartile range, and the min/max of the per-run medians; then the
@@ -22,6 +22,7 @@ benchmarks/results/step_overhead_<shape>.md with the machine, versions and date.
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import subprocess
 import sys
@@ -32,11 +33,12 @@ from pathlib import Path
 from benchenv import REPO, set_threads, write_results
 from gpu_overhead import WORKLOAD, step_series
 
-SHAPES = {"tiny": {"hidden": 128, "layers": 4, "heads": 4}, "small": {"hidden": 512, "layers": 8, "heads": 8}}
+SHORT = 2  # steps of the short run whose CPU time is subtracted (start-up, imports, model load, final save)
+SHAPES = {"tiny": {"hidden": 128, "layers": 4, "heads": 4}, "small": {"hidden": 256, "layers": 6, "heads": 4}}
 
 
-def run(variant: str, model: Path, out: Path, steps: int, prompts: int) -> float:
-    """One run in its own process; returns its wall seconds (start to exit)."""
+def run(variant: str, model: Path, out: Path, steps: int, prompts: int) -> tuple[float, float]:
+    """One run in its own process; returns its wall and CPU (user + system) seconds, start to exit."""
     if variant == "bare":
         cmd = [sys.executable, "benchmarks/gpu_overhead.py", "bare", "--model", str(model), "--out", str(out),
                "--steps", str(steps), "--prompts", str(prompts), "--dtype", "float32"]  # fmt: skip
@@ -46,11 +48,16 @@ def run(variant: str, model: Path, out: Path, steps: int, prompts: int) -> float
                f"training.max_steps={steps}", f"training.prompts_per_step={prompts}", *WORKLOAD,
                "checkpoints.save_every=1000000", "checkpoints.save_on_best=false",
                "checkpoints.reward_threshold=2"]  # fmt: skip
-    started = time.time()
+    started, cpu = time.time(), _children_cpu()
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"{variant} run failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
-    return time.time() - started
+    return time.time() - started, _children_cpu() - cpu
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def quartiles(xs: list[float]) -> tuple[float, float, float]:
@@ -89,12 +96,16 @@ def main() -> int:
     first, last = 3, args.steps - 1
     series: dict[str, list[dict[str, list[float]]]] = {"bare": [], "rlarith": []}
     walls: dict[str, list[float]] = {"bare": [], "rlarith": []}
+    cpu: dict[str, list[float]] = {"bare": [], "rlarith": []}  # CPU s per step: long run minus short run
     with tempfile.TemporaryDirectory(prefix="step-overhead-") as tmp:
         model = init_model(Path(tmp) / "model", **SHAPES[args.shape])
         for r in range(args.rounds):
             for variant in ("bare", "rlarith"):
                 out = Path(tmp) / f"{variant}{r}"
-                walls[variant].append(run(variant, model, out, args.steps, args.prompts))
+                wall, cpu_long = run(variant, model, out, args.steps, args.prompts)
+                walls[variant].append(wall)
+                _, cpu_short = run(variant, model, Path(tmp) / f"{variant}{r}short", SHORT, args.prompts)
+                cpu[variant].append((cpu_long - cpu_short) / (args.steps - SHORT))
                 series[variant].append(step_series(out / "metrics.jsonl", first, last))
                 s = series[variant][-1]["step_time"]
                 print(f"round {r} {variant}: median step_time {statistics.median(s):.4f} s", flush=True)
@@ -130,6 +141,18 @@ def main() -> int:
         lines.append(
             f"| {metric} | {pooled:.3f} | {med(pairs):.3f} ({min(pairs):.3f}-{max(pairs):.3f}) | <= 1.02 |"
         )
+    pairs = [y / x for x, y in zip(cpu["bare"], cpu["rlarith"])]
+    lines.append(
+        f"| CPU s per step (user + system; a {args.steps}-step run minus a {SHORT}-step one) "
+        f"| {med(cpu['rlarith']) / med(cpu['bare']):.3f} | {med(pairs):.3f} ({min(pairs):.3f}-{max(pairs):.3f}) "
+        f"| <= 1.02 |"
+    )
+    lines.append(
+        f"\nCPU s per step, per run: A {', '.join(f'{x:.3f}' for x in cpu['bare'])}; "
+        f"B {', '.join(f'{x:.3f}' for x in cpu['rlarith'])}. CPU time counts the work done, not the "
+        "waiting, so it moves less with the machine's load than wall time does (the whole run, not only the "
+        "steps 3.. of the other rows)."
+    )
     share = [x for r in series["rlarith"] for x in r["share"]]
     if share:
         lines.append(
