@@ -22,7 +22,8 @@
 #
 # Environment (defaults): OUT (/tmp/overhead_out), PY (python3), DTYPE (bfloat16), SHAPE (full | tiny), STEPS
 # (25), PROMPTS (32), BUDGET (400 s), SKIP_WHEELS (0; 1 uses PY's own packages).
-# On a CPU machine (~9 min on 2 busy cores): PY=.venv/bin/python DTYPE=float32 SHAPE=tiny STEPS=5 PROMPTS=4 \
+# On CPU, benchmarks/step_overhead.py is the better tool (runs alternated, medians with spread). This script
+# still runs there (~9 min on 2 busy cores): PY=.venv/bin/python DTYPE=float32 SHAPE=tiny STEPS=5 PROMPTS=4 \
 #     SKIP_WHEELS=1 BUDGET=1500 OUT=/tmp/overhead_out bash benchmarks/gpu_overhead.sh
 
 OUT=${OUT:-/tmp/overhead_out}
