@@ -30,18 +30,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-try:  # rlarith.training since rlarith/train.py became a package; rlarith.train before
-    from rlarith.training.grpo_config import build_dataset, grpo_config, reward_functions
-    from rlarith.training.identity import iso_time
-    from rlarith.training.sealing import checkpoint_contents  # noqa: F401 (for checkpoint_save.py)
-except ImportError:  # pragma: no cover - the layout before the split
-    from rlarith.train import (
-        build_dataset,
-        checkpoint_contents,  # noqa: F401 (for checkpoint_save.py)
-        grpo_config,
-        iso_time,
-        reward_functions,
-    )
+from rlarith.training.grpo_config import build_dataset, grpo_config, reward_functions
+from rlarith.training.identity import iso_time
+from rlarith.training.sealing import checkpoint_contents  # noqa: F401 (for checkpoint_save.py)
 
 SHAPES = {
     # Qwen2.5-0.5B's shape as a Llama (transformers 5 reloads the character tokenizer exactly with a Llama).
