@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rlarith import manifest
+from rlarith.durable import fsync_path
 from rlarith.manifest import Problem, Required
 
 if TYPE_CHECKING:
@@ -55,7 +56,6 @@ COMPLETE = "COMPLETE"
 """Marker file: written last, fsync'd; a checkpoint folder without it is not a checkpoint."""
 STATE_FILE = "rlarith_state.json"
 """The save policy's state inside each checkpoint (``SavePolicy.state_dict`` plus what the trainer adds)."""
-REWARD_METRICS = ("exact", "total")
 EMA_ALPHA = 0.1
 """Weight of the newest step in the smoothed reward that drives threshold and best saves."""
 
@@ -289,7 +289,7 @@ def move_aside(checkpoint: Path, problems: list[Problem]) -> Path:
         n += 1
         dest = base.with_name(f"{base.name}-{n}")
     os.rename(checkpoint, dest)
-    _fsync_dir(checkpoint.parent)
+    fsync_path(checkpoint.parent)
     return dest
 
 
@@ -370,7 +370,7 @@ def seal(staged: Path, final: Path, state: dict[str, Any], required: Required = 
     files = {name: entry["size"] for name, entry in sums["files"].items()}
     marker = {"step": step_of(final), "time": _now(), "files": files}
     _write_durable(staged / COMPLETE, json.dumps(marker, indent=2, sort_keys=True) + "\n")
-    _fsync_dir(staged)
+    fsync_path(staged)
 
     final.parent.mkdir(parents=True, exist_ok=True)
     trash = final.parent / (_TRASH_PREFIX + final.name)
@@ -380,10 +380,10 @@ def seal(staged: Path, final: Path, state: dict[str, Any], required: Required = 
         if trash.exists():
             _remove(trash)  # left by an earlier interrupted replace; final is the valid one
         os.rename(final, trash)
-        _fsync_dir(final.parent)
+        fsync_path(final.parent)
     os.rename(staged, final)
-    _fsync_dir(final.parent)
-    _fsync_dir(staged.parent)
+    fsync_path(final.parent)
+    fsync_path(staged.parent)
     if trash.exists():
         _remove(trash)
 
@@ -408,7 +408,7 @@ def clean_staging(run_dir: Path) -> list[Path]:
                 _remove(final)
                 removed.append(final)
             os.rename(trash, final)
-            _fsync_dir(root)
+            fsync_path(root)
         else:
             _remove(trash)
             removed.append(trash)
@@ -439,19 +439,10 @@ def _write_durable(path: Path, text: str) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
-    # A folder's fsync makes the names in it (created, renamed, deleted) durable, not just file contents.
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_dirs(root: Path) -> None:
     """fsync every folder under ``root`` (``manifest.record`` fsyncs the files as it reads them)."""
     for dirpath, _, _ in os.walk(root):
-        _fsync_dir(Path(dirpath))
+        fsync_path(Path(dirpath))
 
 
 def _remove(path: Path) -> None:
@@ -461,7 +452,7 @@ def _remove(path: Path) -> None:
         marker = path / COMPLETE
         if marker.exists():
             marker.unlink()
-            _fsync_dir(path)
+            fsync_path(path)
         shutil.rmtree(path)
     else:
         path.unlink(missing_ok=True)
@@ -561,17 +552,7 @@ class SavePolicy:
     _base_s: float = field(default=0.0, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.save_every < 1:
-            raise ValueError(f"save_every must be at least 1; got {self.save_every}")
-        if self.reward_metric not in REWARD_METRICS:
-            raise ValueError(
-                f"reward_metric must be one of {', '.join(REWARD_METRICS)}; got {self.reward_metric!r}"
-            )
-        if not 0 < self.max_save_fraction <= 1:
-            raise ValueError(f"max_save_fraction must be in (0, 1]; got {self.max_save_fraction}")
-        if self.min_save_gap < 0:
-            raise ValueError(f"min_save_gap must be >= 0; got {self.min_save_gap}")
-        self._started = self.clock()
+        self._started = self.clock()  # the settings were checked once, by rlarith.config.CheckpointConfig
 
     @classmethod
     def from_config(cls, config: CheckpointConfig, clock: Callable[[], float] = time.monotonic) -> SavePolicy:

@@ -23,6 +23,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from rlarith.answers import MODES
+from rlarith.durable import write_atomic
 from rlarith.tasks import OPERATORS
 
 
@@ -250,6 +251,10 @@ class TrainingConfig:
             )
 
 
+REWARD_METRICS = ("exact", "total")
+"""What the save policy smooths: the exact-match reward, or the weighted total of the components."""
+
+
 @dataclass
 class CheckpointConfig:
     """The notebook's checkpoint policy (rlarith.checkpoints.SavePolicy)."""
@@ -278,7 +283,7 @@ class CheckpointConfig:
     def __post_init__(self) -> None:
         _check(self.save_every >= 1, "checkpoints.save_every", f"must be at least 1; got {self.save_every}.")
         _check(
-            self.reward_metric in ("exact", "total"),
+            self.reward_metric in REWARD_METRICS,
             "checkpoints.reward_metric",
             f"use exact or total (either is smoothed before it is compared); got {self.reward_metric!r}.",
         )
@@ -373,8 +378,8 @@ class SlurmConfig:
     job driver, submitit and the requeue stay on the host, where ``scontrol`` exists."""
     binds: list[str] = field(default_factory=list)
     """Extra ``apptainer exec --bind`` paths (the run, model, traces and config folders are bound already)."""
-    logs_dir: str = "runs/submitit"
-    """submitit's log and pickle folder (never shared between clusters)."""
+    logs_dir: str = ""
+    """submitit's log and pickle folder (never shared between clusters); empty: ``<runs_dir>/submitit``."""
 
     def __post_init__(self) -> None:
         _check(
@@ -546,12 +551,8 @@ def to_yaml(cfg: RunConfig) -> str:
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:
-    """Write the resolved config atomically (temporary name, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(to_yaml(cfg))
-    os.replace(tmp, path)
+    """Write the resolved config atomically (rlarith.durable: temporary name, then rename)."""
+    write_atomic(path, to_yaml(cfg))
 
 
 # Prefixes of the ``flat`` keys that may change between the attempts of one run: they do not change what

@@ -20,7 +20,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from rlarith.config import ConfigError, DataConfig, RunConfig, TaskConfig
+from rlarith.durable import write_atomic
 from rlarith.tasks import ArithmeticTask, Problem, Task
 
 TRAIN, VAL, TEST = 0, 1, 2
@@ -195,12 +195,7 @@ class DataReport:
 
 def write_problems(problems: list[Problem], path: Path) -> None:
     """JSONL, one problem a line, written to a temporary name and renamed when complete."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as fh:
-        for p in problems:
-            fh.write(json.dumps(asdict(p)) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, "".join(json.dumps(asdict(p)) + "\n" for p in problems))
 
 
 def read_problems(path: Path) -> list[Problem]:

@@ -25,6 +25,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from rlarith.durable import write_atomic
+
 METRICS = "metrics.jsonl"
 SUPERSEDED = "metrics.superseded.jsonl"
 _MARKER = "attempt"  # the "event" of an attempt's marker line
@@ -84,12 +86,7 @@ def start_attempt(run_dir: Path, attempt: str, attempt_seq: int, resumed_step: i
             fh.write("".join(line + "\n" for line in moved))
             fh.flush()
             os.fsync(fh.fileno())
-        tmp = path.with_name(path.name + ".tmp")
-        with tmp.open("w") as fh:
-            fh.write("".join(line + "\n" for line in [*keep, json.dumps(marker)]))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        write_atomic(path, "".join(line + "\n" for line in [*keep, json.dumps(marker)]), durable=True)
     else:
         with path.open("a") as fh:
             fh.write(json.dumps(marker) + "\n")

@@ -70,7 +70,8 @@ class ArithmeticTask:
     """``a <op> b`` with ``a`` of ``digits_a`` digits and ``b`` of ``digits_b`` digits.
 
     For ``/`` the quotient has ``digits_a`` digits and the divisor ``digits_b`` (never 0): the question
-    shows ``quotient * divisor / divisor``, so every answer is an integer. Operands are positive.
+    shows ``quotient * divisor / divisor``, so every answer is an integer. Operands are positive. The
+    operator and digit counts are checked once, by rlarith.config.TaskConfig (``make_task`` builds this).
 
     >>> task = ArithmeticTask("*", 3, 2)
     >>> task.size, task.problem(0), task.problem(task.size - 1).answer
@@ -85,14 +86,6 @@ class ArithmeticTask:
     digits_b: int = 2
     name: str = "arithmetic"
     integer_answers: bool = True
-
-    def __post_init__(self) -> None:
-        if self.op not in OPERATORS:
-            raise ValueError(f"task.op must be one of {OPERATORS}, got {self.op!r}")
-        for field in ("digits_a", "digits_b"):
-            value = getattr(self, field)
-            if not 1 <= value <= 9:
-                raise ValueError(f"task.{field} must be between 1 and 9, got {value}")
 
     @property
     def _ranges(self) -> tuple[tuple[int, int], tuple[int, int]]:

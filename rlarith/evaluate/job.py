@@ -26,8 +26,9 @@ from rlarith.contamination import (
     unreadable_error,
 )
 from rlarith.data import heldout, make_task, read_problems
+from rlarith.durable import write_atomic
 from rlarith.evaluate.generation import check_sampling, evaluate_model
-from rlarith.evaluate.reports import markdown_table, plot_over_steps, write_atomic, write_result
+from rlarith.evaluate.reports import markdown_table, plot_over_steps, write_result
 from rlarith.evaluate.scoring import EvalResult
 from rlarith.tasks import Problem
 

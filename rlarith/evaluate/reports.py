@@ -4,21 +4,14 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from rlarith.config import ConfigError
+from rlarith.durable import atomic_path, write_atomic
 from rlarith.evaluate.scoring import ERROR_KINDS, EvalResult
-
-
-def write_atomic(path: Path, data: str | bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)  # readers see the old file or the new one, never half of one
 
 
 def result_stem(result: EvalResult) -> str:
@@ -131,10 +124,8 @@ def _figure(size: tuple[float, float]) -> Any:
 
 
 def _save_figure(fig: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
 
 
 def load_results(run_dir: Path, split: str = "val") -> list[EvalResult]:

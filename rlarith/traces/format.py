@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import struct
 import zlib
@@ -71,19 +70,6 @@ def _safe(attempt: str) -> str:
 
 def file_prefix(rank: int, attempt: str) -> str:
     return f"rank{int(rank):04d}.{_safe(attempt)}"
-
-
-def fsync_path(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # some filesystems refuse fsync on directories
-        pass
-    finally:
-        os.close(fd)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import builtins
 import json
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
+from rlarith.durable import atomic_path
 from rlarith.traces.format import TraceError
 
 if TYPE_CHECKING:
@@ -77,26 +77,24 @@ def export(tr: Traces, out: str | Path, fmt: str, all_attempts: bool = False) ->
     to a temporary name renamed when complete. Parquet: ``time`` is a UTC timestamp, and
     ``extraction_failure`` (bool) says where ``parsed`` is null because no answer was found."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    if fmt == "jsonl":
-        with builtins.open(tmp, "w") as fh:
-            for r in tr.records(all_attempts=all_attempts):
-                fh.write(json.dumps(r) + "\n")
-    elif fmt == "parquet":
-        df = tr.frame(all_attempts=all_attempts)
-        df["time"] = pd.to_datetime(df["time"], unit="s", utc=True)
-        if "parsed" in df:
-            df.insert(
-                df.columns.get_loc("parsed") + 1, "extraction_failure", df["parsed"].isna().astype(bool)
-            )
-        for c in df.columns:  # ints beyond int64 cannot be Parquet integers: keep them exactly, as text
-            if df[c].dtype == object and tr.columns.get(c) == "int":
-                df[c] = [None if v is None else str(v) for v in df[c]]
-        df.to_parquet(tmp, index=False)
-    else:
+    if fmt not in ("jsonl", "parquet"):
         raise TraceError(f"unknown export format {fmt!r}; use parquet or jsonl")
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        if fmt == "jsonl":
+            with builtins.open(tmp, "w") as fh:
+                for r in tr.records(all_attempts=all_attempts):
+                    fh.write(json.dumps(r) + "\n")
+        else:
+            df = tr.frame(all_attempts=all_attempts)
+            df["time"] = pd.to_datetime(df["time"], unit="s", utc=True)
+            if "parsed" in df:
+                df.insert(
+                    df.columns.get_loc("parsed") + 1, "extraction_failure", df["parsed"].isna().astype(bool)
+                )
+            for c in df.columns:  # ints beyond int64 cannot be Parquet integers: keep them exactly, as text
+                if df[c].dtype == object and tr.columns.get(c) == "int":
+                    df[c] = [None if v is None else str(v) for v in df[c]]
+            df.to_parquet(tmp, index=False)
     return out
 
 

@@ -30,6 +30,7 @@ import h5py
 import numpy as np
 
 from rlarith.config import TraceConfig
+from rlarith.durable import fsync_path
 from rlarith.traces.format import (
     LIBVER,
     MAGIC,
@@ -40,7 +41,6 @@ from rlarith.traces.format import (
     TextCodec,
     encode_int,
     file_prefix,
-    fsync_path,
     is_covered,
     kind_of,
     merge,
