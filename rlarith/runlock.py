@@ -46,6 +46,10 @@ class RunLocked(ConfigError):
     """Another process holds the run directory; the message names it."""
 
 
+GROUP_WAIT_S = 30.0
+"""How long a rank other than 0 waits for the holder's note to name its own process group."""
+
+
 def lock_disabled() -> bool:
     return os.environ.get(ENV_SWITCH, "").strip().lower() in ("off", "0", "no", "false")
 
@@ -118,10 +122,16 @@ class RunLock:
                 os.ftruncate(self.fd, 0)
                 os.pwrite(self.fd, (json.dumps(info) + "\n").encode(), 0)
                 return self
+            # Our rank 0 may hold the lock and not have written who it is yet (or be half-way through):
+            # look again for a while before calling the holder someone else.
+            deadline = time.monotonic() + GROUP_WAIT_S
+            while not got and read_holder(self.run_dir).get("group") != _group():
+                if time.monotonic() > deadline:
+                    raise self._refusal()
+                time.sleep(0.1)
+                got = self._try_lock(fd)
             if got:  # nobody holds it (our rank 0 has not taken it yet): let go at once
                 fcntl.flock(fd, fcntl.LOCK_UN)
-            elif read_holder(self.run_dir).get("group") != _group():
-                raise self._refusal()
             return self
         finally:
             if fd >= 0:

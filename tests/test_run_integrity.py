@@ -4,6 +4,7 @@ signals (SIGINT's two-step convention, signals blocked by a launcher) in real pr
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -11,6 +12,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -237,7 +239,10 @@ def test_a_second_holder_is_refused_naming_the_first_and_a_killed_one_leaves_no_
     lock.release()
 
 
-def test_other_ranks_refuse_another_jobs_lock_but_not_their_own_rank_0s(tmp_path):
+def test_other_ranks_refuse_another_jobs_lock_but_not_their_own_rank_0s(tmp_path, monkeypatch):
+    monkeypatch.setattr(
+        "rlarith.runlock.GROUP_WAIT_S", 0.5
+    )  # how long a rank > 0 waits for its rank 0's note
     group = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29511"}
     holder = hold(tmp_path, **group)
     try:
@@ -410,3 +415,22 @@ def test_a_copied_run_directory_still_verifies(tmp_path):
     save(tmp_path / "a", 2)  # checksums are of contents, not of paths or times
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     assert verify(checkpoint_path(tmp_path / "b", 2)).ok
+
+
+def test_a_rank_waits_for_its_rank_0_to_write_who_it_is(tmp_path, monkeypatch):
+    """Rank 0 holds the lock but its note still names the previous attempt: rank 1 waits, then goes on."""
+    group = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29513"}
+    for key, value in group.items():
+        monkeypatch.setenv(key, value)
+    (tmp_path / ".lock").write_text(json.dumps({"pid": 1, "group": "127.0.0.1:1"}) + "\n")  # a stale note
+    fd = os.open(tmp_path / ".lock", os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # held, as by our rank 0 between flock and writing its note
+    late = threading.Timer(
+        0.5, lambda: os.pwrite(fd, (json.dumps({"pid": 2, "group": "127.0.0.1:29513"}) + "\n").encode(), 0)
+    )
+    late.start()
+    try:
+        RunLock(tmp_path).acquire(rank=1)  # waits for the note instead of refusing
+    finally:
+        late.join()
+        os.close(fd)
