@@ -62,8 +62,8 @@ def demo(cfg: RunConfig) -> int:
 
     from rlarith.bootstrap import bootstrap
     from rlarith.checkpoints import latest_valid, step_of
+    from rlarith.launch import submit
     from rlarith.training.preflight import check_run_dir
-    from rlarith.training.run import train
     from rlarith.verdict import paired_verdict
 
     hf_logging.disable_progress_bar()  # weight-loading bars at every measurement; the eval bars stay
@@ -89,7 +89,9 @@ def demo(cfg: RunConfig) -> int:
     else:
         resuming = f", resuming from {latest.name}" if latest is not None else ""
         print(f"[3/4] GRPO: {cfg.training.max_steps} steps in {cfg.run_dir}{resuming}")
-        status = train(cfg)
+        # The main job runs as the cluster runs it: a submitit job (slurm.executor, local by default) whose
+        # driver starts the trainer; its lines are echoed here.
+        status = submit(cfg, wait=True, echo=True)
         if status != 0:
             return status
     final = latest_valid(cfg.run_dir)

@@ -99,7 +99,7 @@ def sbatch_parameters(cfg: RunConfig) -> dict[str, Any]:
 
 def job_folder(cfg: RunConfig) -> Path:
     """submitit's folder for this run's jobs (logs, pickles, the frozen config)."""
-    return Path(cfg.slurm.logs_dir) / cfg.name
+    return Path(cfg.slurm.logs_dir or Path(cfg.runs_dir) / "submitit") / cfg.name
 
 
 def submitit_command(folder: Path) -> str:
@@ -170,8 +170,9 @@ def make_executor(cfg: RunConfig) -> Any:
     return executor
 
 
-def submit(cfg: RunConfig, wait: bool = False, out: Callable[[str], None] = print) -> int:
-    """Submit the run; with ``wait``, follow it and return 0 only when training finished."""
+def submit(cfg: RunConfig, wait: bool = False, out: Callable[[str], None] = print, echo: bool = False) -> int:
+    """Submit the run; with ``wait``, follow it (``echo``: and show the trainer's lines) and return 0 only
+    when training finished."""
     cfg = absolute(cfg)
     check_submittable(cfg)
     folder = job_folder(cfg)
@@ -186,12 +187,15 @@ def submit(cfg: RunConfig, wait: bool = False, out: Callable[[str], None] = prin
     out(f"  follow: rlarith status {cfg.run_dir}   ({follow})")
     if not wait:
         return 0
-    return watch(job, cfg, out)
+    return watch(job, cfg, out, poll_s=0.5 if echo else 2.0, echo=echo)
 
 
-def watch(job: Any, cfg: RunConfig, out: Callable[[str], None] = print, poll_s: float = 2.0) -> int:
-    """Print a line at every state change and every new attempt; 0 only when training finished."""
-    state, seen = "", 0
+def watch(
+    job: Any, cfg: RunConfig, out: Callable[[str], None] = print, poll_s: float = 2.0, echo: bool = False
+) -> int:
+    """Print a line at every state change and every new attempt (with ``echo``, also the trainer's own
+    lines as its log grows); 0 only when training finished."""
+    state, seen, offset = "", 0, 0
     try:
         while True:
             done = job.done(force_check=True)
@@ -203,6 +207,14 @@ def watch(job: Any, cfg: RunConfig, out: Callable[[str], None] = print, poll_s: 
             if new_state != state:
                 out(f"{_stamp()} job {job.job_id}: {new_state}")
                 state = new_state
+            if echo and job.paths.stdout.is_file():
+                with job.paths.stdout.open("rb") as fh:
+                    fh.seek(offset)
+                    chunk = fh.read()
+                complete = chunk[: chunk.rfind(b"\n") + 1]  # whole lines only; the rest comes next time
+                offset += len(complete)
+                for line in complete.decode(errors="replace").splitlines():
+                    out(line)
             if done:
                 break
             time.sleep(poll_s)
