@@ -15,9 +15,10 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from rlarith.training.identity import iso_time
 
 RECORD = "attempts.jsonl"
 
@@ -33,12 +34,6 @@ ENDINGS = {
 """Why an attempt ended (the ``ended`` field of an end record)."""
 
 
-def now_iso(seconds: float | None = None) -> str:
-    """``2026-11-26T04:08:20.897Z``: UTC, milliseconds (``seconds`` since the epoch; default now)."""
-    moment = datetime.now(timezone.utc) if seconds is None else datetime.fromtimestamp(seconds, timezone.utc)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
 @dataclass
 class Attempt:
     """One line of ``attempts.jsonl``."""
@@ -48,7 +43,7 @@ class Attempt:
     attempt: str
     """``<job id>.<restart count>``."""
     job_id: str
-    time: str = field(default_factory=now_iso)
+    time: str = field(default_factory=iso_time)
     host: str = ""
     restart: int = 0
     first_step: int | None = None

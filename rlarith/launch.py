@@ -45,6 +45,7 @@ from rlarith.checkpoints import valid_checkpoints
 from rlarith.config import ConfigError, RunConfig, save_config
 from rlarith.grace import measured_times, partition_grace_s, verdict
 from rlarith.preemption import EXIT_STOPPED, block_stop_signals
+from rlarith.training.identity import iso_time
 
 FORWARDED = (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
 SLURM_SIGNAL_EARLY_S = 60
@@ -202,10 +203,10 @@ def watch(
             new_state = job.state
             rows = attempts.merged(cfg.run_dir)
             for row in rows[seen:]:
-                out(f"{_stamp()} attempt {row['attempt']} started on {row.get('host', '?')}")
+                out(f"{iso_time()} attempt {row['attempt']} started on {row.get('host', '?')}")
             seen = len(rows)
             if new_state != state:
-                out(f"{_stamp()} job {job.job_id}: {new_state}")
+                out(f"{iso_time()} job {job.job_id}: {new_state}")
                 state = new_state
             if echo and job.paths.stdout.is_file():
                 with job.paths.stdout.open("rb") as fh:
@@ -226,17 +227,13 @@ def watch(
             out(f"stopped watching; job {job.job_id} goes on (rlarith status {cfg.run_dir})")
         return 130
     try:
-        out(f"{_stamp()} {job.results()[0]}")  # one result per task; rank 0's says it all
+        out(f"{iso_time()} {job.results()[0]}")  # one result per task; rank 0's says it all
         return 0
     except Exception as err:  # submitit re-raises the job's error inside its own (with a traceback)
         text = str(err)
         reason = text.split("JobFailed: ", 1)[1].strip() if "JobFailed: " in text else text.strip()
-        out(f"{_stamp()} job {job.job_id} did not finish the run: {reason}")
+        out(f"{iso_time()} job {job.job_id} did not finish the run: {reason}")
         return 1
-
-
-def _stamp() -> str:
-    return attempts.now_iso()
 
 
 # ------------------------------------------------------------------------------------------- job side
@@ -453,7 +450,7 @@ class TrainJob:
                     checkpoint=_latest_step(run_dir),
                     ended=ended,
                     exit=rc,
-                    signalled=attempts.now_iso(forwarder.received_at) if forwarder.received_at else None,
+                    signalled=iso_time(forwarder.received_at) if forwarder.received_at else None,
                     detail=detail,
                 ),
             )

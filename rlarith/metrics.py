@@ -21,19 +21,15 @@ from __future__ import annotations
 
 import json
 import os
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from rlarith.durable import write_atomic
+from rlarith.training.identity import iso_time
 
 METRICS = "metrics.jsonl"
 SUPERSEDED = "metrics.superseded.jsonl"
 _MARKER = "attempt"  # the "event" of an attempt's marker line
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _parse(lines: list[str]) -> list[tuple[str, dict[str, Any] | None]]:
@@ -74,7 +70,7 @@ def start_attempt(run_dir: Path, attempt: str, attempt_seq: int, resumed_step: i
         else:
             keep.append(line)
     marker = {
-        "time": _now(),
+        "time": iso_time(),
         "step": resumed_step,
         "event": _MARKER,
         "attempt": attempt,
