@@ -279,6 +279,10 @@ class CheckpointConfig:
     to write against a ~0.5 s step, so without a budget every new best would slow a GPU run down many times."""
     min_save_gap: int = 10
     """Budget of the reward-triggered saves: at least this many steps since the previous save."""
+    overlap: bool = True
+    """Write checkpoints in a background thread: the step pays only for a copy of the state into host
+    memory (as much host memory as the state; pinned on a GPU), one write is in flight at a time, and a
+    stop or the final step saves synchronously (rlarith.training.async_save). False: every save blocks."""
 
     def __post_init__(self) -> None:
         _check(self.save_every >= 1, "checkpoints.save_every", f"must be at least 1; got {self.save_every}.")

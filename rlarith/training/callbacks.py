@@ -73,6 +73,8 @@ def make_callbacks(run: RunContext, trainer: Any) -> list[Any]:
             for line in run.policy.skipped if state.is_world_process_zero else ():
                 log.info("%s", line, extra=FILE_ONLY)
             if reasons:
+                # a stop exits right after its save, and the final step ends the run: both seal before
+                run.save_sync = bool(forced) or not run.cfg.checkpoints.overlap
                 run.pending_reward = run.policy.current()
                 run.pending_reasons = reasons
                 run.save_started = time.time()

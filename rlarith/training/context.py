@@ -31,3 +31,7 @@ class RunContext:
         self.weights = [float(cfg.rewards.weights.get(n, 0.0)) for n in self.reward_names]
         self.trace_seconds = 0.0  # time spent recording traces since the last log line
         self.rewards: dict[str, list[float]] = {}  # this generation batch's values, per component
+        self.save_sync = True  # set per save by the step callback: stops and the final step never overlap
+        self.snapshot: Any = None  # rlarith.training.async_save.Snapshot of the save being made
+        self.buffers: Any = None  # its HostBuffers, kept across saves
+        self.writer: Any = None  # rlarith.training.async_save.BackgroundWriter

@@ -16,7 +16,8 @@ What this package adds around TRL (rlarith/training/__init__.py lists its files)
   position at step S is a pure function of S and resume needs no data state;
 - the notebook's checkpoint policy (``rlarith.checkpoints``): saves on a schedule, on a reward threshold and
   on a new best, only at generation boundaries, written to a staging folder and sealed complete, then
-  pruned to first / second-to-last / latest (+ best);
+  pruned to first / second-to-last / latest (+ best); written by a background thread from a copy in host
+  memory (``rlarith.training.async_save``), except a stop's save and the final one;
 - every start is a resume from the latest valid checkpoint of the run directory;
 - SIGTERM / SIGUSR2 only raise a flag (``rlarith.preemption``); at the next step boundary all ranks agree,
   save, seal their traces and exit with ``EXIT_STOPPED`` (75) so a wrapper requeues the job;
@@ -41,6 +42,7 @@ from rlarith.data import TrainProblems, make_task
 from rlarith.preemption import EXIT_STOPPED, StopRequest, agree
 from rlarith.quiet import expect_tied_keys, warn_once
 from rlarith.runlock import RunLock
+from rlarith.training.async_save import BackgroundWriter, HostBuffers
 from rlarith.training.callbacks import forced_learning_rate, make_callbacks
 from rlarith.training.context import RunContext
 from rlarith.training.grpo_config import build_dataset, deepspeed_config, grpo_config, reward_functions
@@ -170,6 +172,7 @@ def _train(cfg: RunConfig, force: bool, stop: StopRequest, step_filter: StepFilt
         processing_class=tokenizer,
     )
     trainer.run = run
+    run.buffers, run.writer = HostBuffers(), BackgroundWriter(rank, world_size)
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; Metrics prints timestamped lines
     for callback in make_callbacks(run, trainer):
         trainer.add_callback(callback)
@@ -210,6 +213,7 @@ def _train(cfg: RunConfig, force: bool, stop: StopRequest, step_filter: StepFilt
         return _stopped_before_training(stop)
     try:
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        run.writer.wait()  # the final save is synchronous; this only surfaces an earlier write's error
     finally:
         if run.traces is not None:
             run.traces.close()

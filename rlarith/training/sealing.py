@@ -1,13 +1,17 @@
 """A save made complete: after the Trainer wrote ``checkpoint-<step>`` into the staging folder (every rank
-its part), rank 0 seals it into the run directory with the save policy's state, prunes, and reports it."""
+its part; in the background for an overlapped save, rlarith.training.async_save), rank 0 seals it into the
+run directory with the save policy's state, prunes, and reports it."""
 
 from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
 from typing import Any
 
-from rlarith.checkpoints import STATE_FILE, checkpoint_path, prune, seal, staging_dir
+from rlarith.checkpoints import STATE_FILE, checkpoint_path, prune, seal, staging_dir, step_of
 from rlarith.config import flat
 from rlarith.grace import verdict
 from rlarith.training.context import RunContext
@@ -33,46 +37,78 @@ def checkpoint_contents(step: int, world_size: int, deepspeed: bool) -> list[Any
 
 
 def seal_save(run: RunContext, trainer: Any) -> None:
-    """Called on every rank right after the Trainer's save (``on_save``), before training goes on or
-    stops: the checkpoint is sealed (or refused) before the stop-and-exit path returns."""
+    """Called on every rank right after the Trainer's save (``on_save``). A synchronous save is sealed
+    before this returns (before training goes on or stops); an overlapped one (``run.snapshot`` set by the
+    trainer's ``_save_checkpoint``) is handed to the background writer, which seals it once written."""
     step, started = trainer.state.global_step, run.save_started
+    main = trainer.accelerator.is_main_process
+    snapshot, run.snapshot = run.snapshot, None
+    # Taken now, for the seal that may come later: the policy moves on with the next steps.
     run.policy.record_save(step, run.pending_reward, run.pending_reasons, time.time() - started)
-    trainer.accelerator.wait_for_everyone()
-    if trainer.accelerator.is_main_process:
-        final = checkpoint_path(run.cfg.run_dir, step)
-        seal(
-            staging_dir(run.cfg.run_dir) / f"checkpoint-{step}",
-            final,
-            {
-                **run.policy.state_dict(),
-                "attempt": run.attempt.id,
-                "run_id": run.run_id,
-                "config": flat(run.cfg),  # names the changed keys should config.yaml go missing
-                "step": step,
-            },
-            required=checkpoint_contents(step, trainer.args.world_size, trainer.is_deepspeed_enabled),
-        )
-        report = prune(run.cfg.run_dir, run.policy.best_step, run.cfg.checkpoints.keep_best, verified=step)
-        log.info("%s", run.policy.report(step, run.pending_reasons), extra=FILE_ONLY)
-        log.info("%s", report, extra=FILE_ONLY)
-        # The screen gets one line per save; the reports above are in logs/rank<r>.log.
-        removed = ", ".join(path.name for path, _ in report.removed)
-        log.info(
-            "%s (%.1f s%s)",
-            run.policy.summary(step, run.pending_reasons),
-            time.time() - started,
-            f"; removed {removed}" if removed else "",
-        )
+    sealing = Sealing(
+        folder=staging_dir(run.cfg.run_dir) / f"checkpoint-{step}",
+        final=checkpoint_path(run.cfg.run_dir, step),
+        state={
+            **run.policy.state_dict(),
+            "attempt": run.attempt.id,
+            "run_id": run.run_id,
+            "config": flat(run.cfg),  # names the changed keys should config.yaml go missing
+            "step": step,
+        },
+        required=checkpoint_contents(step, trainer.args.world_size, trainer.is_deepspeed_enabled),
+        best_step=run.policy.best_step,
+        summary=run.policy.summary(step, run.pending_reasons),
+        report=run.policy.report(step, run.pending_reasons),
+        stall_s=time.time() - started,
+    )
+    if snapshot is not None:
+        done = partial(_seal_and_report, run, sealing) if main else None
+        run.writer.submit(snapshot, sealing.folder, done)
+        return
+    trainer.accelerator.wait_for_everyone()  # every rank's files are written
+    if main:
+        _seal_and_report(run, sealing, None)
     run.policy.add_save_time(time.time() - started - run.policy.last_save_s)
-    if trainer.accelerator.is_main_process and not run.grace_checked:
+    trainer.accelerator.wait_for_everyone()
+
+
+@dataclass(frozen=True)
+class Sealing:
+    """What rank 0 needs to seal one save, fixed when the save was made."""
+
+    folder: Path
+    final: Path
+    state: dict[str, Any]
+    required: list[Any]
+    best_step: int | None
+    summary: str
+    report: str
+    stall_s: float
+    """Seconds the training stood still for this save (all of it, for a synchronous save)."""
+
+
+def _seal_and_report(run: RunContext, sealing: Sealing, write_s: float | None) -> None:
+    """Rank 0: seal, prune, report in the run's log and on screen, and judge the grace budget after the
+    attempt's first save. ``write_s``: how long the background write took (None: the save was synchronous)."""
+    started = time.time()
+    seal(sealing.folder, sealing.final, sealing.state, required=sealing.required)
+    report = prune(
+        run.cfg.run_dir, sealing.best_step, run.cfg.checkpoints.keep_best, verified=step_of(sealing.final)
+    )
+    log.info("%s", sealing.report, extra=FILE_ONLY)
+    log.info("%s", report, extra=FILE_ONLY)
+    # The screen gets one line per save; the reports above are in logs/rank<r>.log.
+    removed = ", ".join(path.name for path, _ in report.removed)
+    total = sealing.stall_s + (write_s or 0.0) + (time.time() - started)
+    overlapped = (
+        f"{total:.1f} s" if write_s is None else f"{sealing.stall_s:.1f} s stall, {total:.1f} s in all"
+    )
+    log.info("%s (%s%s)", sealing.summary, overlapped, f"; removed {removed}" if removed else "")
+    if not run.grace_checked:  # a stop's save is synchronous: judge the grace with a whole save's time
         run.grace_checked = True
         grace = os.environ.get("RLARITH_GRACE_S")  # set by the job driver under SLURM
         status, detail = verdict(
-            run.step_s,
-            time.time() - started,
-            run.cfg.slurm.signal_delay_s,
-            int(grace) if grace else None,
+            run.step_s, total, run.cfg.slurm.signal_delay_s, int(grace) if grace else None
         )
         if status != "OK":
             log.warning("grace budget %s: %s", status, detail)
-    trainer.accelerator.wait_for_everyone()

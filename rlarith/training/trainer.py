@@ -1,10 +1,11 @@
-"""The GRPOTrainer subclass and its one override of TRL's internals, behind a small adapter.
+"""The GRPOTrainer subclass and its two overrides of private internals, behind small adapters.
 
 TRL (pinned in pyproject.toml) is used through public API everywhere else: the GRPOConfig, reward
-functions, callbacks. The one private method overridden is ``_generate_and_score_completions``, to trace
-every completion of a generation batch; ``generated`` names exactly which of its outputs rlarith reads and
-how they are padded, and tests/test_trl_seam.py checks both against the installed TRL, so an upgrade that
-changes them fails one clear test.
+functions, callbacks. The private methods overridden are TRL's ``_generate_and_score_completions``, to trace
+every completion of a generation batch (``generated`` names exactly which of its outputs rlarith reads and
+how they are padded), and the HF Trainer's ``_save_checkpoint``, to run it under ``async_save.capture``
+(which replaces the serializers it calls). tests/test_trl_seam.py checks both against the installed
+versions, so an upgrade that changes them fails one clear test.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from rlarith.training.async_save import Snapshot, capture
 from rlarith.training.context import RunContext
+from rlarith.training.logs import log
 from rlarith.training.recording import record
 
 GENERATED_KEYS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "advantages")
@@ -47,12 +50,30 @@ def make_trainer_class() -> type:
     from trl import GRPOTrainer
 
     class RlarithTrainer(GRPOTrainer):
-        """GRPOTrainer that records traces (saves are sealed by the ``on_save`` callback)."""
+        """GRPOTrainer that records traces and saves in the background (sealed by the ``on_save``
+        callback, or by the writer once written)."""
 
         run: RunContext
 
         def create_model_card(self, *args: Any, **kwargs: Any) -> None:
             pass  # TRL writes it into the output dir (our staging folder) at every save; nothing reads it
+
+        def _save_checkpoint(self, model: Any, trial: Any) -> None:
+            run = self.run
+            waited = run.writer.wait()  # at most one write in flight, on every rank
+            if waited >= 0.1 and self.accelerator.is_main_process:
+                log.info(
+                    "the save of step %d waited %.1f s for the write of %s",
+                    self.state.global_step,
+                    waited,
+                    run.writer.folder.name,
+                )
+            if run.save_sync:
+                return super()._save_checkpoint(model, trial)
+            run.snapshot = Snapshot(run.buffers)
+            with capture(run.snapshot):
+                super()._save_checkpoint(model, trial)
+            return None
 
         def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
             output = super()._generate_and_score_completions(inputs)
