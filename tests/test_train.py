@@ -192,6 +192,96 @@ def test_sigkill_during_a_save_resumes_from_the_previous_valid_checkpoint(
     )
 
 
+def test_overlapped_and_synchronous_saves_write_the_same_checkpoints(reference, sft_model, tmp_path) -> None:
+    """The reference run saves in the background (the default); this one blocks at every save."""
+    import torch
+
+    assert (
+        run(["train", *small(sft_model, tmp_path, "sync", "checkpoints.overlap=false")], tmp_path / "log")
+        == 0
+    )
+    synced = tmp_path / "sync"
+    assert metrics(synced) == metrics(reference)
+    assert [s for s, _ in valid_checkpoints(synced)] == [s for s, _ in valid_checkpoints(reference)]
+    for step, path in valid_checkpoints(reference):
+        other = synced / "checkpoints" / path.name
+        assert_same_weights(path, other)
+        for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
+            a, b = (torch.load(p / name, weights_only=False) for p in (path, other))
+            assert same(a, b), f"checkpoint-{step}/{name} differs"
+    assert "stall" in (reference.parent / "log").read_text() and "stall" not in (tmp_path / "log").read_text()
+
+
+def same(a: object, b: object) -> bool:
+    """Deep equality of loaded checkpoint files: tensors and arrays element for element."""
+    import numpy as np
+    import torch
+
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, np.ndarray):
+        return isinstance(b, np.ndarray) and np.array_equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def background_write_in_flight(run_dir: Path, proc: subprocess.Popen) -> None:
+    """Wait until step 5 is logged while checkpoint-4 is still being written (RLARITH_TEST_WRITE_DELAY_S)."""
+    staged = run_dir / "checkpoints" / ".staging" / "checkpoint-4"
+    wait_for(
+        lambda: (run_dir / "metrics.jsonl").exists() and 5 in metrics(run_dir) or proc.poll() is not None
+    )
+    assert proc.poll() is None and staged.is_dir(), (
+        "the run must be training on while checkpoint-4 is written"
+    )
+    assert [s for s, _ in valid_checkpoints(run_dir)] == [2]
+
+
+def test_sigkill_during_a_background_write_resumes_from_the_previous_checkpoint(
+    reference, sft_model, tmp_path
+) -> None:
+    run_dir, log = tmp_path / "killed", tmp_path / "log"
+    args = ["train", *small(sft_model, tmp_path, "killed")]
+    proc = start(args, log, RLARITH_TEST_WRITE_DELAY_S="60")
+    background_write_in_flight(run_dir, proc)
+    proc.kill()
+    proc.wait()
+    assert [s for s, _ in valid_checkpoints(run_dir)] == [2], "an unsealed write is never a checkpoint"
+    assert run(args, log) == 0, log.read_text()[-3000:]
+    assert "resuming from" in log.read_text() and "checkpoint-2" in log.read_text().split("resuming from")[-1]
+    ref, resumed = metrics(reference), metrics(run_dir)
+    assert all(resumed[step] == ref[step] for step in range(3, STEPS + 1))
+    assert_same_weights(
+        run_dir / "checkpoints" / f"checkpoint-{STEPS}", reference / "checkpoints" / f"checkpoint-{STEPS}"
+    )
+
+
+def test_a_stop_during_a_background_write_waits_for_it_then_saves_and_resumes_exactly(
+    reference, sft_model, tmp_path
+) -> None:
+    run_dir, log = tmp_path / "cut", tmp_path / "log"
+    args = ["train", *small(sft_model, tmp_path, "cut")]
+    proc = start(args, log, RLARITH_TEST_WRITE_DELAY_S="5")
+    background_write_in_flight(run_dir, proc)
+    proc.send_signal(signal.SIGUSR2)
+    assert proc.wait(timeout=300) == EXIT_STOPPED, log.read_text()[-3000:]
+    stopped_at = max(metrics(run_dir))
+    assert 4 < stopped_at < STEPS
+    assert [s for s, _ in valid_checkpoints(run_dir)][-2:] == [4, stopped_at], (
+        "4 sealed, then the stop's save"
+    )
+    assert f"the save of step {stopped_at} waited" in log.read_text()
+    assert run(args, log) == 0, log.read_text()[-3000:]
+    ref, cut = metrics(reference), metrics(run_dir)
+    assert all(cut[step] == ref[step] for step in range(stopped_at + 1, STEPS + 1))
+    assert_same_weights(
+        run_dir / "checkpoints" / f"checkpoint-{STEPS}", reference / "checkpoints" / f"checkpoint-{STEPS}"
+    )
+
+
 def test_a_different_config_is_refused_unless_forced(reference, sft_model, tmp_path) -> None:
     args = small(sft_model, tmp_path, "ref", "training.learning_rate=5e-4")
     # Point at the reference run's parent so the run dir already exists with another config.
@@ -441,7 +531,8 @@ def test_ctrl_c_once_saves_and_resumes_exactly(reference, sft_model, tmp_path) -
 
 def test_ctrl_c_twice_aborts_without_saving(sft_model, tmp_path) -> None:
     run_dir, log = tmp_path / "abort", tmp_path / "log"
-    proc = start(["train", *small(sft_model, tmp_path, "abort")], log)
+    # synchronous saves: a background write in flight at the second Ctrl-C may or may not get sealed
+    proc = start(["train", *small(sft_model, tmp_path, "abort", "checkpoints.overlap=false")], log)
     wait_for(lambda: (run_dir / "metrics.jsonl").exists() and len(metrics(run_dir)) >= 1 or proc.poll() is not None,
              interval=0.001)  # fmt: skip
     proc.send_signal(signal.SIGINT)  # early in a step: the save waits for its end
