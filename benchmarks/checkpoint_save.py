@@ -162,7 +162,7 @@ def main() -> int:
         step_s = med(steps["wall"])
         from rlarith.training.async_save import HostBuffers
 
-        buffers, batch = HostBuffers(), torch.randint(3, 40, (8, 24))
+        buffers, batch = HostBuffers(), torch.randint(3, 40, (8, 24), device=trainer.model.device)
         first = overlapped(trainer, run_dir, buffers, batch)  # allocates the host buffers
         print(f"first overlapped save (buffers allocated): capture {first['capture']:.2f} s", flush=True)
         rows, mib = [], round(first["bytes"] / 2**20)

@@ -162,6 +162,8 @@ def stop_and_resume(reference: Path, model: Path, runs: Path, sig: signal.Signal
 
     attempts = rlarith.traces.open(run_dir).frame(all_attempts=True, columns=["step", "attempt"])
     assert attempts["attempt"].nunique() == 2  # both attempts are kept; the default view shows one per step
+    # each attempt's shards record the step it resumed from: 0, then the stop's checkpoint
+    assert sorted({s.resume_step for s in rlarith.traces.open(run_dir).sources}) == [0, stopped_at]
     return stopped_at
 
 

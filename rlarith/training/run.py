@@ -196,6 +196,7 @@ def _train(cfg: RunConfig, force: bool, stop: StopRequest, step_filter: StepFilt
             attempt=attempt.id,
             attempt_seq=attempt.seq,
             cfg=cfg.traces,
+            resume_step=step_of(resume) if resume else 0,  # earlier attempts' later steps are superseded
         )
 
     log.info(
