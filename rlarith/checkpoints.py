@@ -347,7 +347,13 @@ def verify_report(run_dir: Path) -> tuple[str, bool]:
 # --------------------------------------------------------------------------------------- durability
 
 
-def seal(staged: Path, final: Path, state: dict[str, Any], required: Required = ()) -> None:
+def seal(
+    staged: Path,
+    final: Path,
+    state: dict[str, Any],
+    required: Required = (),
+    known: dict[str, dict] | None = None,
+) -> None:
     """Make the complete checkpoint folder ``staged`` (written by the HF Trainer) the valid checkpoint
     ``final``: write ``STATE_FILE``, check that everything ``required`` is there (else
     ``FileNotFoundError``, nothing sealed), read every file once to record its size and checksum and fsync
@@ -358,13 +364,14 @@ def seal(staged: Path, final: Path, state: dict[str, Any], required: Required = 
     it is renamed to ``.trash-<name>``, the new one renamed in, then the trash deleted. A crash between
     the two renames leaves the old one under the trash name, and ``clean_staging`` puts it back.
     ``staged`` and ``final`` must be on the same filesystem (``os.rename`` is only atomic there).
+    ``known``: checksum entries of files hashed and fsync'd as they were written (``manifest.record``).
     """
     staged, final = Path(staged), Path(final)
     if not staged.is_dir():
         raise FileNotFoundError(f"staged checkpoint {staged} is not a folder")
     (staged / COMPLETE).unlink(missing_ok=True)  # re-sealing: valid only once everything is on disk again
     _write_durable(staged / STATE_FILE, json.dumps(state, indent=2, sort_keys=True) + "\n")
-    sums = manifest.record(staged, required)  # one read of each file: checksum and fsync
+    sums = manifest.record(staged, required, known=known)  # checksum and fsync, one read a file
     _fsync_dirs(staged)
     _write_durable(staged / manifest.CHECKSUMS, json.dumps(sums, indent=1, sort_keys=True) + "\n")
     files = {name: entry["size"] for name, entry in sums["files"].items()}

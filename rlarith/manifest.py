@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import xxhash
 
@@ -92,6 +93,59 @@ def digest_file(path: Path, fsync: bool = False) -> tuple[int, str]:
     return size, h.hexdigest()
 
 
+class DigestingWriter:
+    """A file being written that keeps its own ``record`` entry (size and checksum) as the bytes pass, so
+    whoever writes it need not read it back; and every ``WRITEBACK_BYTES`` it has the kernel start writing
+    what came so far to disk without waiting for it, so the disk works while the rest is produced and the
+    final fsync waits for the tail only.
+
+    >>> import io
+    >>> out = DigestingWriter(io.BytesIO())
+    >>> out.write(b"abc"), out.entry()["size"]
+    (3, 3)
+    """
+
+    WRITEBACK_BYTES = 64 * 2**20
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self.raw = raw
+        self.size = 0
+        self._hash = xxhash.xxh3_128()
+        self.started = 0
+        """Bytes whose writeback was started."""
+        self._writeback = hasattr(os, "posix_fadvise") and _has_fileno(raw)
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        self._hash.update(view)
+        self.raw.write(view)  # a buffered file writes it all (or raises)
+        self.size += view.nbytes
+        if self._writeback and self.size - self.started >= self.WRITEBACK_BYTES:
+            self.raw.flush()
+            # Linux starts the writeback of a dirty range on DONTNEED and returns (Python has no
+            # sync_file_range); pages already on disk are dropped, which a checkpoint never misses.
+            os.posix_fadvise(
+                self.raw.fileno(), self.started, self.size - self.started, os.POSIX_FADV_DONTNEED
+            )
+            self.started = self.size
+        return view.nbytes
+
+    def flush(self) -> None:
+        self.raw.flush()
+
+    def entry(self) -> dict[str, Any]:
+        """This file's entry in ``CHECKSUMS.json``, as ``record`` would have made it."""
+        return {"size": self.size, ALGORITHM: self._hash.hexdigest()}
+
+
+def _has_fileno(raw: Any) -> bool:
+    try:
+        raw.fileno()
+    except (AttributeError, OSError, ValueError):  # io.BytesIO raises UnsupportedOperation (an OSError)
+        return False
+    return True
+
+
 def regular_files(root: Path) -> list[str]:
     """Relative paths of the regular files under ``root`` (symlinks skipped), sorted."""
     out = []
@@ -118,22 +172,34 @@ def missing(root: Path, required: Required) -> list[str]:
     return out
 
 
-def record(root: Path, required: Required = (), threads: int = 4) -> dict:
+def record(
+    root: Path, required: Required = (), threads: int = 4, known: dict[str, dict] | None = None
+) -> dict:
     """Hash and fsync every regular file under ``root`` (several files at once) and return the record for
-    ``CHECKSUMS.json``. Raises ``FileNotFoundError`` naming what ``required`` lists and ``root`` lacks."""
+    ``CHECKSUMS.json``. Raises ``FileNotFoundError`` naming what ``required`` lists and ``root`` lacks.
+    ``known``: entries of files hashed and fsync'd as they were written (``DigestingWriter``), taken as
+    they are when the file still has that size, instead of read again."""
     absent = missing(root, required)
     if absent:
         raise FileNotFoundError(
             f"checkpoint {root} lacks {', '.join(absent)}: not sealed (the save was incomplete)"
         )
-    names = [n for n in regular_files(root) if n not in _MARKERS]
+    known = known or {}
+    names, files = [], {}
+    for name in regular_files(root):
+        if name in _MARKERS:
+            continue
+        if name in known and known[name]["size"] == (Path(root) / name).stat().st_size:
+            files[name] = known[name]
+        else:
+            names.append(name)
     names.sort(key=lambda n: -(Path(root) / n).stat().st_size)  # largest first: the pool finishes together
     with ThreadPoolExecutor(max_workers=max(1, min(threads, len(names)))) as pool:
         results = list(pool.map(lambda n: digest_file(Path(root) / n, fsync=True), names))
-    files = {n: {"size": size, ALGORITHM: digest} for n, (size, digest) in sorted(zip(names, results))}
+    files.update({n: {"size": size, ALGORITHM: digest} for n, (size, digest) in zip(names, results)})
     return {
         "algorithm": ALGORITHM,
-        "files": files,
+        "files": dict(sorted(files.items())),
         "required": [e if isinstance(e, str) else list(e) for e in required],
     }
 

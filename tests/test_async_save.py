@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from rlarith import manifest
 from rlarith.training.async_save import MARKER, BackgroundWriter, HostBuffers, Snapshot, capture
 
 
@@ -60,14 +61,17 @@ def test_capture_queues_both_serializers_and_the_writer_writes_what_they_would(t
         transformers.modeling_utils.safe_save_file(weights, str(tmp_path / "b.safetensors"))
         (tmp_path / "small.json").write_text("{}")  # everything else writes as usual
     assert not any(tmp_path.glob("*.pt")) and not any(tmp_path.glob("*.safetensors")), "queued, not written"
-    assert [p.name for p, _ in snapshot.writes] == ["optimizer.pt", "a.safetensors", "b.safetensors"]
+    assert [w.path.name for w in snapshot.writes] == ["optimizer.pt", "a.safetensors", "b.safetensors"]
     expected = {k: v.clone() for k, v in weights.items()}, optimizer["state"][0]["exp_avg"].clone()
     weights["w"].zero_(), optimizer["state"][0]["exp_avg"].zero_()  # the state moves on before the write
     writer = BackgroundWriter(rank=0, world_size=1)
-    sealed: list[float] = []
-    writer.submit(snapshot, tmp_path, sealed.append)
+    sealed: list[dict] = []
+    writer.submit(snapshot, tmp_path, lambda seconds, known: sealed.append(known))
     writer.wait()
     assert len(sealed) == 1 and not (tmp_path / MARKER.format(rank=0)).exists(), "markers go before the seal"
+    # the checksums taken while writing (streamed or read back) are those a read of the files gives
+    on_disk = manifest.record(tmp_path)["files"]
+    assert sealed[0] == {name: entry for name, entry in on_disk.items() if name != "small.json"}
     loaded = torch.load(tmp_path / "optimizer.pt")
     assert torch.equal(loaded["state"][0]["exp_avg"], expected[1]) and loaded["param_groups"][0]["lr"] == 0.1
     for name in ("a", "b"):
@@ -80,12 +84,20 @@ def test_capture_queues_both_serializers_and_the_writer_writes_what_they_would(t
 def test_rank_zero_seals_only_once_every_rank_has_written(tmp_path: Path) -> None:
     sealed = threading.Event()
     zero, one = BackgroundWriter(rank=0, world_size=2), BackgroundWriter(rank=1, world_size=2)
-    zero.submit(Snapshot(HostBuffers()), tmp_path, lambda seconds: sealed.set())
+    known: dict[str, dict] = {}
+    zero.submit(
+        Snapshot(HostBuffers()), tmp_path, lambda seconds, entries: (known.update(entries), sealed.set())
+    )
     time.sleep(0.3)
     assert zero.busy and not sealed.is_set(), "rank 0 must wait for rank 1's files"
-    one.submit(Snapshot(HostBuffers()), tmp_path, None)
+    snapshot = Snapshot(HostBuffers())
+    (tmp_path / "global_step1").mkdir()
+    with capture(snapshot):
+        torch.save({"x": torch.ones(3)}, tmp_path / "global_step1" / "rank1_optim_states.pt")
+    one.submit(snapshot, tmp_path, None)
     one.wait(), zero.wait()
     assert sealed.is_set() and not list(tmp_path.glob(".written-*"))
+    assert known == manifest.record(tmp_path)["files"], "rank 1's checksums reach rank 0 in its marker"
 
 
 def test_a_failed_background_write_is_raised_in_the_training_thread_naming_the_folder(tmp_path: Path) -> None:
@@ -94,8 +106,34 @@ def test_a_failed_background_write_is_raised_in_the_training_thread_naming_the_f
         torch.save({"x": torch.ones(1)}, tmp_path / "gone" / "optimizer.pt")  # its folder does not exist
     writer = BackgroundWriter(rank=0, world_size=1)
     sealed: list[float] = []
-    writer.submit(snapshot, tmp_path, sealed.append)
+    writer.submit(snapshot, tmp_path, lambda seconds, known: sealed.append(seconds))
     with pytest.raises(RuntimeError, match=f"background write of {tmp_path} failed.*never sealed"):
         writer.wait()
     assert not sealed
     assert writer.wait() == pytest.approx(0, abs=0.1)  # reported once; the writer is usable again
+
+
+def test_a_digesting_writer_records_what_a_read_back_gives_and_starts_writeback(
+    tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.setattr(manifest.DigestingWriter, "WRITEBACK_BYTES", 4096)
+    data = torch.randint(0, 256, (300_000,), dtype=torch.uint8).numpy()
+    path = tmp_path / "f.bin"
+    with open(path, "wb") as raw:
+        out = manifest.DigestingWriter(raw)
+        for start in range(0, len(data), 70_000):  # uneven chunks, a memoryview among them
+            out.write(memoryview(data[start : start + 70_000]))
+        started = out.started
+    size, digest = manifest.digest_file(path)
+    assert out.entry() == {"size": size, manifest.ALGORITHM: digest} and size == 300_000
+    assert path.read_bytes() == data.tobytes()
+    assert 0 < started <= size, "writeback was started while writing"
+
+
+def test_record_takes_a_known_entry_only_while_the_file_keeps_its_size(tmp_path: Path) -> None:
+    (tmp_path / "a.pt").write_bytes(b"12345")
+    (tmp_path / "b.pt").write_bytes(b"123")
+    stale = {"size": 5, manifest.ALGORITHM: "0" * 32}
+    got = manifest.record(tmp_path, known={"a.pt": stale, "b.pt": stale})["files"]
+    assert got["a.pt"] == stale, "taken as it is: no read"
+    assert got["b.pt"] == {"size": 3, manifest.ALGORITHM: manifest.digest_file(tmp_path / "b.pt")[1]}

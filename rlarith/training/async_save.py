@@ -6,15 +6,19 @@ two serializers every large file goes through, ``torch.save`` and safetensors' `
 snapshot: every tensor storage the call would write is copied into a host buffer (allocated at the first
 save and reused after; pinned when the source is on a GPU), and the call itself is queued. Small files
 (JSON, tokenizer, DeepSpeed's ``latest``) are written as usual. ``BackgroundWriter`` then runs the queued
-calls with the real serializers on the copies, fsyncs each file, and drops a ``.written-rank<r>`` marker;
-rank 0's writer waits for every rank's marker, removes them and runs the seal (``rlarith.checkpoints.seal``:
-checksums, ``COMPLETE`` last, rename), the pruning and the report. A checkpoint is still valid only once
+calls with the real serializers on the copies, fsyncs each file, and drops a ``.written-rank<r>`` marker
+that holds the files' checksums; rank 0's writer waits for every rank's marker, removes them and runs the
+seal (``rlarith.checkpoints.seal``: checksums, ``COMPLETE`` last, rename), the pruning and the report.
+``torch.save`` (the optimizer state: two thirds of an AdamW checkpoint) streams through a
+``manifest.DigestingWriter``, which hashes the bytes as they pass and starts the disk writes as it goes, so
+the seal does not read those files back; safetensors writes only to a path and is read back once. A checkpoint is still valid only once
 sealed: a crash or SIGKILL during the background write leaves a staging folder, removed at the next start,
 and the previous valid checkpoint.
 
 The files are those a synchronous save writes, from the same objects by the same serializers, so resuming
-is unchanged (on a GPU one thing differs: tensors saved by ``torch.save`` are recorded as CPU tensors, and
-every loader on the resume path maps them to its device anyway).
+is unchanged. Two things differ in the bytes, not in what loads: ``torch.save`` into a stream names the
+zip's folder ``archive/`` (into a path, after the file), and on a GPU its tensors are recorded as CPU
+tensors, which every loader on the resume path maps to its device anyway.
 
 Rules: at most one write in flight (the next save waits for it, and says so when it waits); a stop
 request and the final step wait for it too, then save synchronously, so an exit 75 always follows a sealed
@@ -28,18 +32,21 @@ staging into reused (pinned) host buffers, one save in flight, and waiting for i
 from __future__ import annotations
 
 import copy
+import json
 import os
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-from rlarith.durable import fsync_path
+from rlarith import manifest
+from rlarith.durable import write_atomic
 
 MARKER = ".written-rank{rank}"
-"""Dropped in the checkpoint folder by each rank once its files are written and fsync'd."""
+"""Dropped in the checkpoint folder by each rank once its files are written and fsync'd: their checksum
+entries (``CHECKSUMS.json``'s form, by path relative to the folder), as JSON."""
 RANKS_TIMEOUT_S = 1800.0
 """How long rank 0's writer waits for the other ranks' markers before it gives the checkpoint up."""
 
@@ -71,12 +78,21 @@ class HostBuffers:
         return sum(s.nbytes() for s in self._slots)
 
 
+class Write(NamedTuple):
+    """One queued serializer call: ``write(target)`` writes the file ``path``; ``target`` is a writable
+    stream when ``streams``, else the path itself."""
+
+    path: Path
+    write: Callable[[Any], None]
+    streams: bool
+
+
 class Snapshot:
     """What one rank's save would have written: queued serializer calls on host copies of the state."""
 
     def __init__(self, buffers: HostBuffers) -> None:
         self.buffers = buffers
-        self.writes: list[tuple[Path, Callable[[], None]]] = []
+        self.writes: list[Write] = []
         self.nbytes = 0
         self._slot = 0
         self._on_gpu = False
@@ -146,12 +162,14 @@ def capture(snapshot: Snapshot) -> Iterator[None]:
         if not isinstance(f, (str, os.PathLike)):
             return real_torch_save(obj, f, *args, **kwargs)
         staged = snapshot.stage(obj)
-        snapshot.writes.append((Path(f), lambda: real_torch_save(staged, f, *args, **kwargs)))
+        write = lambda target: real_torch_save(staged, target, *args, **kwargs)  # noqa: E731
+        snapshot.writes.append(Write(Path(f), write, streams=True))
         return None
 
     def save_file(tensors: dict[str, Any], filename: Any, *args: Any, **kwargs: Any) -> None:
         staged = snapshot.stage(tensors)
-        snapshot.writes.append((Path(filename), lambda: real_save_file(staged, filename, *args, **kwargs)))
+        write = lambda target: real_save_file(staged, str(target), *args, **kwargs)  # noqa: E731
+        snapshot.writes.append(Write(Path(filename), write, streams=False))
 
     patched = [(torch, "save", torch_save), (safetensors.torch, "save_file", save_file)]
     patched.append((modeling_utils, "safe_save_file", save_file))  # bound at import in transformers
@@ -180,9 +198,11 @@ class BackgroundWriter:
     def busy(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def submit(self, snapshot: Snapshot, folder: Path, seal: Callable[[float], None] | None) -> None:
+    def submit(
+        self, snapshot: Snapshot, folder: Path, seal: Callable[[float, dict[str, dict]], None] | None
+    ) -> None:
         """Write ``snapshot``'s files into ``folder`` and mark them done; on rank 0 (``seal`` given) wait
-        for every rank's marker, then call ``seal(seconds the write took)``."""
+        for every rank's marker, then call ``seal(seconds the write took, every rank's checksum entries)``."""
         self.wait()
         self.folder = folder
 
@@ -190,12 +210,14 @@ class BackgroundWriter:
             started = time.time()
             try:
                 time.sleep(float(os.environ.get("RLARITH_TEST_WRITE_DELAY_S", "0")))  # tests: a slow disk
-                for path, write in snapshot.writes:
-                    write()
-                    fsync_path(path)
+                written = {}
+                for queued in snapshot.writes:
+                    name = os.path.relpath(queued.path, folder)
+                    entry = _write(queued)
+                    if not name.startswith(".."):
+                        written[Path(name).as_posix()] = entry
                 marker = folder / MARKER.format(rank=self.rank)
-                marker.touch()
-                fsync_path(folder)
+                write_atomic(marker, json.dumps(written), durable=True)
                 if seal is not None:
                     markers = [folder / MARKER.format(rank=r) for r in range(self.world_size)]
                     deadline = time.time() + RANKS_TIMEOUT_S
@@ -206,9 +228,11 @@ class BackgroundWriter:
                                 f"{folder}: no {', '.join(absent)} after {RANKS_TIMEOUT_S:.0f} s"
                             )
                         time.sleep(0.02)
+                    known: dict[str, dict] = {}
                     for m in markers:
+                        known.update(json.loads(m.read_text()))
                         m.unlink()
-                    seal(time.time() - started)
+                    seal(time.time() - started, known)
             except BaseException as err:  # re-raised by wait() in the training thread
                 self._error = err
 
@@ -228,3 +252,17 @@ class BackgroundWriter:
                 "checkpoint; the previous valid checkpoint is intact and the next start resumes from it."
             ) from err
         return time.time() - started
+
+
+def _write(queued: Write) -> dict[str, Any]:
+    """Run one queued serializer call, fsync the file; its checksum entry."""
+    if not queued.streams:  # a serializer that writes only to a path: read back once for the checksum
+        queued.write(queued.path)
+        size, digest = manifest.digest_file(queued.path, fsync=True)
+        return {"size": size, manifest.ALGORITHM: digest}
+    with open(queued.path, "wb") as raw:
+        out = manifest.DigestingWriter(raw)
+        queued.write(out)
+        raw.flush()
+        os.fsync(raw.fileno())
+    return out.entry()

@@ -87,11 +87,14 @@ class Sealing:
     """Seconds the training stood still for this save (all of it, for a synchronous save)."""
 
 
-def _seal_and_report(run: RunContext, sealing: Sealing, write_s: float | None) -> None:
+def _seal_and_report(
+    run: RunContext, sealing: Sealing, write_s: float | None, known: dict[str, dict] | None = None
+) -> None:
     """Rank 0: seal, prune, report in the run's log and on screen, and judge the grace budget after the
-    attempt's first save. ``write_s``: how long the background write took (None: the save was synchronous)."""
+    attempt's first save. ``write_s``: how long the background write took (None: the save was synchronous);
+    ``known``: the checksums it took as it wrote."""
     started = time.time()
-    seal(sealing.folder, sealing.final, sealing.state, required=sealing.required)
+    seal(sealing.folder, sealing.final, sealing.state, required=sealing.required, known=known)
     report = prune(
         run.cfg.run_dir, sealing.best_step, run.cfg.checkpoints.keep_best, verified=step_of(sealing.final)
     )
