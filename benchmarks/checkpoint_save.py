@@ -109,9 +109,9 @@ def overlapped(trainer, run_dir: Path, buffers, batch) -> dict[str, float]:
     final = checkpoint_path(run_dir, step)
     sealed: dict[str, float] = {}
 
-    def seal_it(write_s: float) -> None:
+    def seal_it(write_s: float, known: dict[str, dict]) -> None:
         seal(staging_dir(run_dir) / f"checkpoint-{step}", final, {"step": step},
-             required=checkpoint_contents(step, 1, False))  # fmt: skip
+             required=checkpoint_contents(step, 1, False), known=known)  # fmt: skip
         sealed["at"] = time.perf_counter()
 
     writer = BackgroundWriter(rank=0, world_size=1)

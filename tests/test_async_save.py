@@ -137,3 +137,20 @@ def test_record_takes_a_known_entry_only_while_the_file_keeps_its_size(tmp_path:
     got = manifest.record(tmp_path, known={"a.pt": stale, "b.pt": stale})["files"]
     assert got["a.pt"] == stale, "taken as it is: no read"
     assert got["b.pt"] == {"size": 3, manifest.ALGORITHM: manifest.digest_file(tmp_path / "b.pt")[1]}
+
+
+def test_the_gil_switch_interval_is_short_only_while_a_write_is_in_flight(
+    tmp_path: Path, monkeypatch
+) -> None:
+    import sys
+
+    from rlarith.training import async_save
+
+    monkeypatch.setenv("RLARITH_TEST_WRITE_DELAY_S", "0.5")
+    before = sys.getswitchinterval()
+    writer = BackgroundWriter(rank=0, world_size=1)
+    writer.submit(Snapshot(HostBuffers()), tmp_path, None)
+    time.sleep(0.2)
+    assert writer.busy and sys.getswitchinterval() == pytest.approx(async_save.SWITCH_INTERVAL_S)
+    writer.wait()
+    assert sys.getswitchinterval() == before

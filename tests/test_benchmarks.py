@@ -16,6 +16,7 @@ SCRIPTS = [
     "resume_latency.py",
     "traces_bench.py",
     "gpu_overhead.py",
+    "writer_gil.py",
 ]
 
 
