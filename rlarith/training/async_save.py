@@ -11,9 +11,9 @@ that holds the files' checksums; rank 0's writer waits for every rank's marker, 
 seal (``rlarith.checkpoints.seal``: checksums, ``COMPLETE`` last, rename), the pruning and the report.
 ``torch.save`` (the optimizer state: two thirds of an AdamW checkpoint) streams through a
 ``manifest.DigestingWriter``, which hashes the bytes as they pass and starts the disk writes as it goes, so
-the seal does not read those files back; safetensors writes only to a path and is read back once. A checkpoint is still valid only once
-sealed: a crash or SIGKILL during the background write leaves a staging folder, removed at the next start,
-and the previous valid checkpoint.
+the seal does not read those files back; safetensors writes only to a path and is read back once. A
+checkpoint is still valid only once sealed: a crash or SIGKILL during the background write leaves a
+staging folder, removed at the next start, and the previous valid checkpoint.
 
 The files are those a synchronous save writes, from the same objects by the same serializers, so resuming
 is unchanged. Two things differ in the bytes, not in what loads: ``torch.save`` into a stream names the
