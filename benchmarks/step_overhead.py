@@ -84,7 +84,7 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
-    parser.add_argument("--rounds", type=int, default=3, help="A B pairs, run back to back")
+    parser.add_argument("--rounds", type=int, default=3, help="A B pairs, run back to back, alternating which goes first")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--prompts", type=int, default=4, help="prompts per step (x 8 completions)")
     parser.add_argument("--out", default=None, help="results file (default benchmarks/results/...)")
@@ -100,7 +100,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="step-overhead-") as tmp:
         model = init_model(Path(tmp) / "model", **SHAPES[args.shape])
         for r in range(args.rounds):
-            for variant in ("bare", "rlarith"):
+            for variant in ("bare", "rlarith") if r % 2 == 0 else ("rlarith", "bare"):  # neither always first
                 out = Path(tmp) / f"{variant}{r}"
                 wall, cpu_long = run(variant, model, out, args.steps, args.prompts)
                 walls[variant].append(wall)
@@ -119,7 +119,7 @@ def main() -> int:
         f"Model: rlarith.tinymodel Llama, shape {args.shape} {SHAPES[args.shape]}, {params / 1e6:.2f}M parameters, "
         f"random weights, float32, torch threads {torch.get_num_threads()}. Workload: positive_control.yaml's task, "
         f"{args.prompts} prompts x 8 completions (<= 8 tokens) per step, {args.steps} steps per run, "
-        f"{args.rounds} rounds of A then B (each run its own process). Statistics over steps {first}..{last}.",
+        f"{args.rounds} rounds, A and B alternating which goes first (each run its own process). Statistics over steps {first}..{last}.",
         "",
         "| variant | metric | runs x steps | median s | IQR (IQR/median) | per-run medians min-max |",
         "|---|---|---|---|---|---|",
