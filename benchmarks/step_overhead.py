@@ -84,7 +84,9 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
-    parser.add_argument("--rounds", type=int, default=3, help="A B pairs, run back to back, alternating which goes first")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="A B pairs, run back to back, alternating which goes first"
+    )
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--prompts", type=int, default=4, help="prompts per step (x 8 completions)")
     parser.add_argument("--out", default=None, help="results file (default benchmarks/results/...)")
