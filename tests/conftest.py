@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -13,6 +14,12 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 pytest_plugins = ["slurm_cluster"]  # the one-node SLURM test cluster (tests/slurm_cluster.py)
+
+# Started as `cmd &` without job control (nohup, some CI runners), pytest and every child it starts inherit
+# an ignored SIGINT, which rlarith rightly leaves ignored. The Ctrl-C tests play a terminal's foreground
+# process: handled here, SIGINT is back to its default in every child.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
