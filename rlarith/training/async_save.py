@@ -3,12 +3,10 @@ writes it, and rank 0 seals it exactly as a synchronous save does.
 
 How: while the HF Trainer (and DeepSpeed under it) saves into the staging folder, ``capture`` replaces the
 two serializers every large file goes through, ``torch.save`` and safetensors' ``save_file``, with a
-snapshot: every tensor storage the call would write gets a host buffer (allocated at the first save and
-reused after; pinned when the source is on a GPU), and the call itself is queued. Small files (JSON,
-tokenizer, DeepSpeed's ``latest``) are written as usual. ``BackgroundWriter`` then copies the state into
-the buffers while the next step generates (generation reads the weights, it changes nothing; the step's
-loss waits for the copy, ``wait_staged``, since the optimizer step after it does), runs the queued calls
-with the real serializers on the copies, fsyncs each file, and drops a ``.written-rank<r>`` marker
+snapshot: every tensor storage the call would write is copied into a host buffer (allocated at the first
+save and reused after; pinned when the source is on a GPU), and the call itself is queued. Small files
+(JSON, tokenizer, DeepSpeed's ``latest``) are written as usual. ``BackgroundWriter`` then runs the queued
+calls with the real serializers on the copies, fsyncs each file, and drops a ``.written-rank<r>`` marker
 that holds the files' checksums; rank 0's writer waits for every rank's marker, removes them and runs the
 seal (``rlarith.checkpoints.seal``: checksums, ``COMPLETE`` last, rename), the pruning and the report.
 ``torch.save`` (the optimizer state: two thirds of an AdamW checkpoint) streams through a
@@ -103,8 +101,7 @@ class Snapshot:
         self.writes: list[Write] = []
         self.nbytes = 0
         self._slot = 0
-        self._copies: list[tuple[Any, Any]] = []  # (host buffer, source storage): what ``copy`` copies
-        self._saved_at: Any = None  # on a GPU: a CUDA event where the training stream stood at the save
+        self._on_gpu = False
 
     def stage(self, obj: Any, memo: dict[Any, Any] | None = None) -> Any:
         """A copy of ``obj`` whose tensors live in host buffers. Storage sharing is kept (two tensors on
@@ -137,7 +134,8 @@ class Snapshot:
             on_gpu = storage.device.type != "cpu"
             buffer = self.buffers.get(self._slot, storage.nbytes(), pin=on_gpu)
             self._slot += 1
-            self._copies.append((buffer, storage))  # holds the source alive until it is copied
+            buffer.copy_(storage, non_blocking=on_gpu)
+            self._on_gpu |= on_gpu
             self.nbytes += storage.nbytes()
             memo[key] = buffer
         staged = torch.empty((0,), dtype=tensor.dtype, device="cpu")
@@ -148,32 +146,12 @@ class Snapshot:
             staged.requires_grad_(True)
         return staged
 
-    def mark(self) -> None:
-        """At the end of the save, in the training thread: on a GPU, note where the training stream stands,
-        so that the copy reads the state as of the save."""
-        import torch
+    def finish(self) -> None:
+        """Wait for the device-to-host copies (issued non-blocking) before training changes the state."""
+        if self._on_gpu:
+            import torch
 
-        if any(source.device.type == "cuda" for _, source in self._copies):
-            self._saved_at = torch.cuda.Event()
-            self._saved_at.record()
-
-    def copy(self) -> None:
-        """Copy the state into the host buffers (the writer thread does, first). Until this returns nothing
-        may change the state: the training thread waits for it before its next loss."""
-        import torch
-
-        if self._saved_at is None:
-            for buffer, source in self._copies:
-                buffer.copy_(source)
-        else:  # on a stream of its own, so the copy runs beside the generation kernels
-            device = next(source.device for _, source in self._copies if source.device.type == "cuda")
-            stream = torch.cuda.Stream(device=device)
-            stream.wait_event(self._saved_at)
-            with torch.cuda.stream(stream):
-                for buffer, source in self._copies:
-                    buffer.copy_(source, non_blocking=True)
-            stream.synchronize()
-        self._copies.clear()  # the sources may be freed now
+            torch.cuda.synchronize()
 
 
 @contextmanager
@@ -209,7 +187,7 @@ def capture(snapshot: Snapshot) -> Iterator[None]:
     finally:
         for module, name, original in saved:
             setattr(module, name, original)
-        snapshot.mark()
+        snapshot.finish()
 
 
 class BackgroundWriter:
@@ -220,8 +198,6 @@ class BackgroundWriter:
         self.rank, self.world_size = rank, world_size
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
-        self._staged = threading.Event()  # set: no snapshot waits to be copied out of the live state
-        self._staged.set()
         self.folder: Path | None = None  # the checkpoint in flight
 
     @property
@@ -235,7 +211,6 @@ class BackgroundWriter:
         for every rank's marker, then call ``seal(seconds the write took, every rank's checksum entries)``."""
         self.wait()
         self.folder = folder
-        self._staged.clear()
 
         def work() -> None:
             started = time.time()
@@ -243,9 +218,6 @@ class BackgroundWriter:
             if SWITCH_INTERVAL_S is not None:
                 sys.setswitchinterval(min(previous, SWITCH_INTERVAL_S))
             try:
-                time.sleep(float(os.environ.get("RLARITH_TEST_COPY_DELAY_S", "0")))  # tests: a slow copy
-                snapshot.copy()
-                self._staged.set()
                 time.sleep(float(os.environ.get("RLARITH_TEST_WRITE_DELAY_S", "0")))  # tests: a slow disk
                 written = {}
                 for queued in snapshot.writes:
@@ -273,18 +245,10 @@ class BackgroundWriter:
             except BaseException as err:  # re-raised by wait() in the training thread
                 self._error = err
             finally:
-                self._staged.set()
                 sys.setswitchinterval(previous)
 
         self._thread = threading.Thread(target=work, name=f"checkpoint-writer-{folder.name}", daemon=True)
         self._thread.start()
-
-    def wait_staged(self) -> float:
-        """Block until the snapshot in flight (if any) is copied out of the live state; call before anything
-        changes the state (the optimizer step). The seconds waited."""
-        started = time.time()
-        self._staged.wait()
-        return time.time() - started
 
     def wait(self) -> float:
         """Block until the write in flight (if any) is done; the seconds waited. Raises its error."""

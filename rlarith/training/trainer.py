@@ -1,12 +1,11 @@
 """The GRPOTrainer subclass and its two overrides of private internals, behind small adapters.
 
 TRL (pinned in pyproject.toml) is used through public API everywhere else: the GRPOConfig, reward
-functions, callbacks, ``compute_loss`` (which waits for the copy of an overlapped save's state before the
-optimizer can change it). The private methods overridden are TRL's ``_generate_and_score_completions``, to
-trace every completion of a generation batch (``generated`` names exactly which of its outputs rlarith
-reads and how they are padded), and the HF Trainer's ``_save_checkpoint``, to run it under
-``async_save.capture`` (which replaces the serializers it calls). tests/test_trl_seam.py checks both
-against the installed versions, so an upgrade that changes them fails one clear test.
+functions, callbacks. The private methods overridden are TRL's ``_generate_and_score_completions``, to trace
+every completion of a generation batch (``generated`` names exactly which of its outputs rlarith reads and
+how they are padded), and the HF Trainer's ``_save_checkpoint``, to run it under ``async_save.capture``
+(which replaces the serializers it calls). tests/test_trl_seam.py checks both against the installed
+versions, so an upgrade that changes them fails one clear test.
 """
 
 from __future__ import annotations
@@ -75,20 +74,6 @@ def make_trainer_class() -> type:
             with capture(run.snapshot):
                 super()._save_checkpoint(model, trial)
             return None
-
-        def compute_loss(self, *args: Any, **kwargs: Any) -> Any:
-            # The last save's state is copied out in the background while this step generated; the
-            # optimizer step after this loss (inside backward, under DeepSpeed) must find it copied.
-            waited = self.run.writer.wait_staged()
-            if waited >= 0.1:
-                self.run.policy.add_save_time(waited)  # training stood still for the save
-                if self.accelerator.is_main_process:
-                    log.info(
-                        "step %d waited %.1f s for the copy of the last save",
-                        self.state.global_step + 1,
-                        waited,
-                    )
-            return super().compute_loss(*args, **kwargs)
 
         def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
             output = super()._generate_and_score_completions(inputs)
