@@ -9,10 +9,11 @@ its first save of an attempt all judge the budget with ``verdict``. No torch her
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 from pathlib import Path
+
+from rlarith import metrics
 
 SAVE_LINE = re.compile(r"\bsaved\b.*?(?:\bin |\()(\d+(?:\.\d+)?) s\b")
 """A save's duration in a run log: ``saved <path> in 0.2 s`` or ``checkpoint-2 saved: ... (0.2 s)``."""
@@ -23,13 +24,11 @@ def measured_times(run_dir: Path) -> tuple[float | None, float | None]:
     save (the save lines of logs/rank0.log); None where the run has none yet."""
     steps: list[float] = []
     try:
-        for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-            try:
-                value = json.loads(line).get("step_time")
-            except ValueError:
-                continue  # a line cut by a kill
-            if isinstance(value, (int, float)):
-                steps.append(float(value))
+        steps = [
+            float(r["step_time"])
+            for r in metrics.read(run_dir)
+            if isinstance(r.get("step_time"), (int, float))
+        ]
     except OSError:
         pass
     saves: list[float] = []

@@ -40,7 +40,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from rlarith import attempts
+from rlarith import attempts, metrics
 from rlarith.checkpoints import valid_checkpoints
 from rlarith.config import ConfigError, RunConfig, save_config
 from rlarith.grace import measured_times, partition_grace_s, verdict
@@ -337,7 +337,7 @@ def _latest_step(run_dir: Path) -> int | None:
 
 
 def _last_logged_step(run_dir: Path) -> int | None:
-    path = run_dir / "metrics.jsonl"
+    path = run_dir / metrics.METRICS  # its tail only: --wait asks at every poll
     if not path.is_file():
         return None
     with path.open("rb") as fh:

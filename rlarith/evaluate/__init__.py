@@ -17,7 +17,6 @@ from rlarith.evaluate.generation import chat_prompts, check_sampling, evaluate_m
 from rlarith.evaluate.job import EvalSettings, Target, heldout_problems, resolve_target, run_eval
 from rlarith.evaluate.reports import (
     compare,
-    load_metrics,
     load_results,
     markdown_table,
     plot_over_steps,
@@ -50,7 +49,6 @@ __all__ = [
     "evaluate_model",
     "generate",
     "heldout_problems",
-    "load_metrics",
     "load_model",
     "load_results",
     "markdown_table",

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from rlarith import metrics
 from rlarith.config import ConfigError
 from rlarith.durable import atomic_path, write_atomic
 from rlarith.evaluate.scoring import ERROR_KINDS, EvalResult
@@ -137,26 +138,6 @@ def load_results(run_dir: Path, split: str = "val") -> list[EvalResult]:
     return sorted(out, key=lambda r: r.step if r.step is not None else -1)
 
 
-def load_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """``metrics.jsonl`` rows as the final model's history: a torn last line (a run killed mid-write) is
-    skipped, and when a step number goes back (a resume re-runs steps), the earlier rows from that step
-    on are dropped: they belong to an attempt the final model does not descend from."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    rows: list[dict[str, Any]] = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict) and isinstance(row.get("step"), int):
-            if rows and row["step"] < rows[-1]["step"]:
-                rows = [r for r in rows if r["step"] < row["step"]]
-            rows.append(row)
-    return rows
-
-
 def compare(runs: Sequence[Path], out: Path, split: str = "val") -> str:
     """One markdown table and one plot (held-out accuracy and training reward over steps) across runs."""
     if len(set(Path(r).name for r in runs)) != len(runs):
@@ -178,9 +159,11 @@ def compare(runs: Sequence[Path], out: Path, split: str = "val") -> str:
         )
     anything, accuracy = False, {}
     for run, label in zip(runs, labels):
-        results, metrics = load_results(Path(run), split), load_metrics(Path(run))
-        anything |= bool(results or metrics)
-        rewards = [(m["step"], m["reward"]) for m in metrics if isinstance(m.get("reward"), (int, float))]
+        results, history = load_results(Path(run), split), metrics.read(Path(run))
+        anything |= bool(results or history)
+        rewards = sorted(
+            (m["step"], m["reward"]) for m in history if isinstance(m.get("reward"), (int, float))
+        )
         last_reward = f"{rewards[-1][1]:.3f} ({rewards[-1][0]})" if rewards else "-"
         if results:
             base = next((r for r in results if r.step == 0), None)

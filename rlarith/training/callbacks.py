@@ -9,6 +9,7 @@ import math
 import time
 from typing import Any
 
+from rlarith import metrics
 from rlarith.preemption import agree
 from rlarith.training.context import RunContext
 from rlarith.training.identity import iso_time
@@ -46,7 +47,7 @@ def make_callbacks(run: RunContext, trainer: Any) -> list[Any]:
     from transformers import TrainerCallback
 
     boundary = run.cfg.training.steps_per_generation * run.cfg.training.num_iterations
-    metrics_path = run.cfg.run_dir / "metrics.jsonl"
+    metrics_path = run.cfg.run_dir / metrics.METRICS
     screen_every = max(1, run.cfg.training.max_steps // 20)
 
     class StepBoundary(TrainerCallback):
