@@ -12,20 +12,26 @@ fixed count starts GRPO anywhere between 10% and 90%. Every ``CHECK_EVERY`` step
 measured on ``CHECK_N`` training-bucket problems that SFT never sees (not the validation set the demo
 scores); SFT stops once it reaches ``TARGET``, or at ``MAX_STEPS`` with a message saying so.
 
+The model is saved with ``RECORD``, what built it, so that ``rlarith demo`` refuses to reuse it for a run
+whose seed, task, prompt or held-out split differ (another split could hold problems SFT trained on).
+
 On a cluster you skip this: ``model.path`` is a pretrained model.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from rlarith.config import RunConfig
+from rlarith.config import ConfigError, RunConfig
 from rlarith.data import TrainProblems, heldout, make_task
+from rlarith.durable import write_atomic
 from rlarith.prompts import messages
 from rlarith.tinymodel import init_model
 
@@ -42,6 +48,47 @@ MAX_STEPS = 2000
 """Step cap: the default task reaches the target in 300-700 steps."""
 BATCH = 32
 LEARNING_RATE = 1e-3
+RECORD = "rlarith-bootstrap.json"
+"""Written into the model folder last: the settings that made the model (``provenance``) and how SFT went."""
+
+
+def provenance(cfg: RunConfig) -> dict[str, Any]:
+    """The config keys a bootstrapped model depends on, by dotted name: its seed, the problems and prompt
+    it was trained on, and the split that kept the held-out sets out of its training data.
+
+    >>> from rlarith.config import RunConfig
+    >>> provenance(RunConfig())["task.op"], provenance(RunConfig())["training.seed"]
+    ('*', 0)
+    """
+    keys = {"training.seed": cfg.training.seed}
+    keys.update({f"task.{k}": v for k, v in asdict(cfg.task).items()})
+    keys.update({f"prompt.{k}": v for k, v in asdict(cfg.prompt).items()})
+    keys.update({f"data.{k}": getattr(cfg.data, k) for k in ("split_salt", "val_fraction", "test_fraction")})
+    return keys
+
+
+def check_reusable(model: Path, cfg: RunConfig) -> bool:
+    """Whether ``model`` says what built it (``RECORD``). Raises ``ConfigError`` when it was bootstrapped
+    with other settings than ``cfg``'s: a demo on it would measure another seed's or task's model, or score
+    held-out problems its SFT saw."""
+    record = model / RECORD
+    if not record.is_file():
+        return False
+    try:
+        built = json.loads(record.read_text())["provenance"]
+    except (ValueError, KeyError) as err:
+        raise ConfigError(
+            f"model.path: {record} is unreadable ({err}); delete {model} to build it again."
+        ) from err
+    wanted = provenance(cfg)
+    differ = [f"{k} {built.get(k)!r} (this config: {v!r})" for k, v in wanted.items() if built.get(k) != v]
+    if differ:
+        raise ConfigError(
+            f"model.path: {model} was bootstrapped with {'; '.join(differ)}. Point model.path at another "
+            f"folder to bootstrap one for this config (e.g. model.path={model.parent}/model-seed"
+            f"{cfg.training.seed}), or delete {model} to build it again."
+        )
+    return True
 
 
 @dataclass(frozen=True)
@@ -126,6 +173,9 @@ def bootstrap(
         trainer.model.save_pretrained(out)
         tokenizer.save_pretrained(out)
     step = trainer.state.global_step
+    reached = None if math.isnan(progress.accuracy) else progress.accuracy  # NaN: no check (--steps)
+    done = {"provenance": provenance(cfg), "steps": step, "check_accuracy": reached}
+    write_atomic(out / RECORD, json.dumps(done, indent=1) + "\n")  # last: a model cut short has none
     if check and progress.accuracy < TARGET:
         log.info(
             "bootstrap: hit the step cap (%d steps) at %.1f%% greedy accuracy, below the %.0f%% target: GRPO "

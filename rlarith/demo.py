@@ -60,7 +60,7 @@ def problems(cfg: RunConfig) -> list[Any]:
 def demo(cfg: RunConfig) -> int:
     from transformers.utils import logging as hf_logging
 
-    from rlarith.bootstrap import bootstrap
+    from rlarith.bootstrap import RECORD, bootstrap, check_reusable
     from rlarith.checkpoints import latest_valid, step_of
     from rlarith.launch import submit
     from rlarith.training.preflight import check_run_dir
@@ -70,7 +70,8 @@ def demo(cfg: RunConfig) -> int:
     started = time.time()
     model = Path(cfg.model.path)
     if (model / "config.json").is_file():
-        print(f"[1/4] bootstrap: reusing {model} (delete it to build it again)")
+        built = "built for this config" if check_reusable(model, cfg) else f"no {RECORD}: not built here"
+        print(f"[1/4] bootstrap: reusing {model} ({built}; delete it to build it again)")
     else:
         print(f"[1/4] bootstrap: SFT-warming the tiny model into {model}")
         bootstrap(cfg, evaluate=False)

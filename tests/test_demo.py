@@ -22,6 +22,24 @@ VERDICT = re.compile(
 )
 
 
+def test_a_bootstrapped_model_is_reused_only_by_the_config_that_built_it(sft_model, tmp_path):
+    from rlarith.bootstrap import RECORD, check_reusable
+    from rlarith.config import ConfigError, load_config
+
+    def cfg(*overrides):
+        return load_config(REPO / "configs" / "default.yaml", [f"model.path={sft_model}", *overrides])
+
+    assert check_reusable(sft_model, cfg())
+    for key, value in [("training.seed", "1"), ("data.split_salt", "other"), ("task.digits_a", "3")]:
+        with pytest.raises(ConfigError, match=f"model.path: {sft_model} was bootstrapped with {key} "):
+            check_reusable(sft_model, cfg(f"{key}={value}"))
+    (tmp_path / "config.json").write_text("{}")  # a model rlarith did not build: reused as given
+    assert not check_reusable(tmp_path, cfg())
+    (tmp_path / RECORD).write_text("{")
+    with pytest.raises(ConfigError, match="is unreadable"):
+        check_reusable(tmp_path, cfg())
+
+
 def demo(tmp_path, seed, *extra):
     overrides = [f"runs_dir={tmp_path}", f"model.path={tmp_path}/bootstrap/model", f"training.seed={seed}"]
     return subprocess.run(
@@ -69,6 +87,10 @@ def test_the_demo_runs_end_to_end(tmp_path):
     assert f"[1/4] bootstrap: reusing {tmp_path}/bootstrap/model" in again.stdout
     assert "[3/4] GRPO: nothing to train" in again.stdout and "bootstrap step" not in again.stdout
     assert verdict.group(0) in again.stdout  # the same models measured again: the same verdict
+
+    other = demo(tmp_path, 1, *small)  # another seed on seed 0's model: refused before any compute
+    assert other.returncode == 2, other.stdout[-3000:] + other.stderr[-3000:]
+    assert "was bootstrapped with training.seed 0 (this config: 1)" in other.stderr
 
 
 @pytest.mark.slow
