@@ -282,7 +282,8 @@ class CheckpointConfig:
     overlap: bool = True
     """Write checkpoints in a background thread: the step pays only for a copy of the state into host
     memory (as much host memory as the state; pinned on a GPU), one write is in flight at a time, and a
-    stop or the final step saves synchronously (rlarith.training.async_save). False: every save blocks."""
+    stop or the final step saves synchronously (rlarith.training.async_save). False: every save blocks.
+    The writer needs a free CPU core: CPU runs that train on every core gain little from it."""
 
     def __post_init__(self) -> None:
         _check(self.save_every >= 1, "checkpoints.save_every", f"must be at least 1; got {self.save_every}.")
