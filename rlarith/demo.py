@@ -70,7 +70,11 @@ def demo(cfg: RunConfig) -> int:
     started = time.time()
     model = Path(cfg.model.path)
     if (model / "config.json").is_file():
-        built = "built for this config" if check_reusable(model, cfg) else f"no {RECORD}: not built here"
+        built = (
+            "built for this config"
+            if check_reusable(model, cfg)
+            else f"no {RECORD}: what built it is unknown"
+        )
         print(f"[1/4] bootstrap: reusing {model} ({built}; delete it to build it again)")
     else:
         print(f"[1/4] bootstrap: SFT-warming the tiny model into {model}")
