@@ -56,9 +56,9 @@ def provenance(cfg: RunConfig) -> dict[str, Any]:
     """The config keys a bootstrapped model depends on, by dotted name: its seed, the problems and prompt
     it was trained on, and the split that kept the held-out sets out of its training data.
 
-    >>> from rlarith.config import RunConfig
-    >>> provenance(RunConfig())["task.op"], provenance(RunConfig())["training.seed"]
-    ('*', 0)
+    >>> keys = provenance(RunConfig())
+    >>> keys["training.seed"], keys["task.op"], keys["data.split_salt"]
+    (0, '*', 'rlarith-split-v1')
     """
     keys = {"training.seed": cfg.training.seed}
     keys.update({f"task.{k}": v for k, v in asdict(cfg.task).items()})

@@ -385,7 +385,11 @@ def test_compare_names_missing_runs_and_says_how_to_fill_empty_ones(
             for s, r in ((1, 0.1), (2, 0.9), (3, 0.9), (2, 0.2), (3, 0.3))
         )
     )  # a resume from step 1 re-ran steps 2-3: the final history is 0.1, 0.2, 0.3
-    assert [(m["step"], m["reward"]) for m in metrics.read(fresh.run_dir)] == [(1, 0.1), (2, 0.2), (3, 0.3)]
+    assert metrics.read(fresh.run_dir) == [
+        {"step": 1, "reward": 0.1, "attempt": None},
+        {"step": 2, "reward": 0.2, "attempt": None},
+        {"step": 3, "reward": 0.3, "attempt": None},
+    ]
     assert main(["compare", str(cfg.run_dir), str(fresh.run_dir), "--out", str(tmp_path / "c.png")]) == 0
     row = next(line for line in (tmp_path / "c.md").read_text().splitlines() if line.startswith("| fresh |"))
     assert (
