@@ -257,7 +257,7 @@ REWARD_METRICS = ("exact", "total")
 
 @dataclass
 class CheckpointConfig:
-    """The notebook's checkpoint policy (rlarith.checkpoints.SavePolicy)."""
+    """The notebook's checkpoint policy (rlarith.save_policy.SavePolicy)."""
 
     save_every: int = 20
     """Save every this many steps (always, whatever the budget below). The final step and a stop request

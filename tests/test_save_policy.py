@@ -12,10 +12,7 @@ import pytest
 
 from conftest import REPO, run
 from rlarith.checkpoints import (
-    EMA_ALPHA,
-    SavePolicy,
     checkpoint_path,
-    ema_update,
     latest_valid,
     load_policy_state,
     prune,
@@ -24,6 +21,7 @@ from rlarith.checkpoints import (
     valid_checkpoints,
 )
 from rlarith.config import CheckpointConfig, ConfigError, load_config
+from rlarith.save_policy import EMA_ALPHA, SavePolicy, ema_update
 
 
 class Clock:

@@ -106,17 +106,22 @@ def test_the_launcher_imports_no_torch() -> None:
     assert out.returncode == 0, out.stderr
 
 
-def _rlarith_imports(path: Path, modules: set[str]) -> set[str]:
+def _rlarith_imports(path: Path, modules: set[str], typing: bool = False) -> set[str]:
     """The rlarith modules ``path`` imports when run, at any depth of the file (late imports count too):
-    ``from rlarith.traces import report`` is an import of the module rlarith.traces.report."""
+    ``from rlarith.traces import report`` is an import of the module rlarith.traces.report. ``typing``:
+    the ``if TYPE_CHECKING:`` imports count too."""
     tree = ast.parse(path.read_text())
-    typing_only = {  # ``if TYPE_CHECKING:`` imports are for annotations: never run
-        id(inner)
-        for node in ast.walk(tree)
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
-        for stmt in node.body
-        for inner in ast.walk(stmt)
-    }
+    typing_only = (
+        set()
+        if typing
+        else {  # ``if TYPE_CHECKING:`` imports are for annotations: never run
+            id(inner)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+            for stmt in node.body
+            for inner in ast.walk(stmt)
+        }
+    )
     found: set[str] = set()
     for node in ast.walk(tree):
         if id(node) in typing_only:
@@ -130,14 +135,19 @@ def _rlarith_imports(path: Path, modules: set[str]) -> set[str]:
     return found & modules
 
 
-def test_the_import_graph_of_rlarith_has_no_cycle() -> None:
+def _cycle_free(typing: bool, within: str = "rlarith") -> dict[str, list[str]]:
+    """Fails on an import cycle among the modules under ``within``; returns the graph it checked."""
     root = REPO / "rlarith"
     modules = {
         ".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__"): p
         for p in root.rglob("*.py")
     }
-    graph = {name: sorted(_rlarith_imports(path, set(modules)) - {name}) for name, path in modules.items()}
-    assert len(graph) > 30 and "rlarith.training.run" in graph["rlarith.cli"]
+    graph = {
+        name: sorted(_rlarith_imports(path, set(modules), typing) - {name})
+        for name, path in modules.items()
+        if name.startswith(within)
+    }
+    graph = {name: [dep for dep in deps if dep in graph] for name, deps in graph.items()}
     state: dict[str, int] = {}  # 1: on the current path, 2: done
 
     def visit(name: str, path: list[str]) -> None:
@@ -153,3 +163,15 @@ def test_the_import_graph_of_rlarith_has_no_cycle() -> None:
     for name in sorted(graph):
         if name not in state:
             visit(name, [name])
+    return graph
+
+
+def test_the_import_graph_of_rlarith_has_no_cycle() -> None:
+    graph = _cycle_free(typing=False)
+    assert len(graph) > 30 and "rlarith.training.run" in graph["rlarith.cli"]
+
+
+def test_training_modules_do_not_even_annotate_in_a_circle() -> None:
+    """The trainer calls the recording (and the callbacks the sealing), never the reverse: not even a
+    type annotation imports back (``Generated`` lives where it is consumed, in ``recording``)."""
+    _cycle_free(typing=True, within="rlarith.training")

@@ -5,10 +5,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from rlarith.checkpoints import SavePolicy
 from rlarith.config import RunConfig
 from rlarith.preemption import StopRequest
 from rlarith.rewards import REWARD_FUNCTIONS
+from rlarith.save_policy import SavePolicy
 from rlarith.training.identity import Attempt, run_id
 
 

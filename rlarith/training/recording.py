@@ -1,15 +1,27 @@
-"""Trace recording: one trace row per local completion of a generation batch."""
+"""Trace recording: one trace row per local completion of a generation batch (``Generated``: the batch as
+rlarith.training.trainer's adapter reads it from TRL; the trainer calls ``record``, never the reverse)."""
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from rlarith.answers import extract_answer
 
 if TYPE_CHECKING:
     from rlarith.training.context import RunContext
-    from rlarith.training.trainer import Generated
+
+
+@dataclass(frozen=True)
+class Generated:
+    """One generation batch as TRL scored it (this rank's completions; tensors moved to the CPU)."""
+
+    prompt_ids: Any  # (n, P) int, left-padded
+    prompt_mask: Any  # (n, P) 0/1, zeros first
+    completion_ids: Any  # (n, C) int, right-padded
+    completion_mask: Any  # (n, C) 0/1, zeros last
+    advantages: Any  # (n,) float
 
 
 def record(run: RunContext, trainer: Any, inputs: list[dict[str, Any]], batch: Generated) -> None:

@@ -14,7 +14,7 @@ How this run departs from the paper (all TRL settings, set from the config):
 What this package adds around TRL (rlarith/training/__init__.py lists its files):
 - problems come from ``rlarith.data`` in a fixed, seeded order (TRL's shuffle is off), so the data
   position at step S is a pure function of S and resume needs no data state;
-- the notebook's checkpoint policy (``rlarith.checkpoints``): saves on a schedule, on a reward threshold and
+- the notebook's checkpoint policy (``rlarith.save_policy``, ``rlarith.checkpoints``): saves on a schedule, on a reward threshold and
   on a new best, only at generation boundaries, written to a staging folder and sealed complete, then
   pruned to first / second-to-last / latest (+ best); written by a background thread from a copy in host
   memory (``rlarith.training.async_save``), except a stop's save and the final one;

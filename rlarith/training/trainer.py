@@ -10,27 +10,15 @@ versions, so an upgrade that changes them fails one clear test.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from rlarith.training.async_save import Snapshot, capture
 from rlarith.training.context import RunContext
 from rlarith.training.logs import log
-from rlarith.training.recording import record
+from rlarith.training.recording import Generated, record
 
 GENERATED_KEYS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "advantages")
 """The keys of ``_generate_and_score_completions``' output that rlarith reads."""
-
-
-@dataclass(frozen=True)
-class Generated:
-    """One generation batch as TRL scored it (this rank's completions; tensors moved to the CPU)."""
-
-    prompt_ids: Any  # (n, P) int, left-padded
-    prompt_mask: Any  # (n, P) 0/1, zeros first
-    completion_ids: Any  # (n, C) int, right-padded
-    completion_mask: Any  # (n, C) 0/1, zeros last
-    advantages: Any  # (n,) float
 
 
 def generated(output: dict[str, Any]) -> Generated:
