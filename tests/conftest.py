@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-pytest_plugins = ["slurm_cluster"]  # the one-node SLURM test cluster (tests/slurm_cluster.py)
+# The one-node SLURM test cluster (tests/slurm_cluster.py); real filesystem faults (tests/fsfaults.py).
+pytest_plugins = ["slurm_cluster", "fsfaults"]
 
 # Started as `cmd &` without job control (nohup, some CI runners), pytest and every child it starts inherit
 # an ignored SIGINT, which rlarith rightly leaves ignored. The Ctrl-C tests play a terminal's foreground
