@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
@@ -29,6 +31,23 @@ from rlarith.tasks import OPERATORS
 
 class ConfigError(ValueError):
     """A user's configuration mistake; the message says which key and how to fix it."""
+
+
+class ConfigDamaged(ConfigError):
+    """A run directory's ``config.yaml`` that is not a whole config (empty, cut short, not YAML): what a
+    filesystem crash leaves of a file. Never read as the defaults; ``path`` and ``why`` say what is wrong,
+    and the caller names the fix (rlarith.checkpoints.run_config falls back to a checkpoint's record)."""
+
+    def __init__(self, path: Path, why: str, fix: str = "") -> None:
+        self.path, self.why = Path(path), why
+        super().__init__(
+            f"{path}: {why}, so it is not the run's config (a filesystem crash can leave it so; rlarith never "
+            f"reads it as the default config).{' ' + fix if fix else ''}"
+        )
+
+
+RUN_CONFIG = "config.yaml"
+"""The resolved config in a run directory, written at every start (``save_config``)."""
 
 
 def _check(condition: bool, key: str, message: str) -> None:
@@ -307,13 +326,20 @@ class TraceConfig:
     enabled: bool = True
     """Record traces."""
     dir: str = ""
-    """Shard directory. Empty: ``$SCRATCH/rlarith/<run>/traces`` when SCRATCH is set, else ``<run dir>/traces``."""
+    """Shard directory. Empty: ``$SCRATCH/rlarith/<run>-<hash>/traces`` when SCRATCH is set (``<hash>``: of the
+    run directory's absolute path, so two runs of one name in different runs_dir never share it), else
+    ``<run dir>/traces``. A trace folder belongs to one run directory (docs/traces.md)."""
     shard_steps: int = 500
     """Start a new shard after this many steps."""
     shard_bytes: int = 256 * 2**20
     """... or once a shard passes this many bytes."""
     zstd_level: int = 10
     """zstandard level for text columns (1..19)."""
+    fsync_steps: bool = False
+    """fsync the journal after every step, so each step survives a crashed node (one fsync per step, costed in
+    benchmarks/README.md). Off, the journal is still fsynced whenever a checkpoint is saved, so a resume never
+    starts past traces that a crash could take back, and a crash loses at most the steps since the last
+    checkpoint (a killed process loses none)."""
 
     def __post_init__(self) -> None:
         _check(self.shard_steps >= 1, "traces.shard_steps", f"must be at least 1; got {self.shard_steps}.")
@@ -450,11 +476,16 @@ class RunConfig:
 
     @property
     def trace_dir(self) -> Path:
-        if self.traces.dir:
-            return Path(self.traces.dir)
-        if os.environ.get("SCRATCH"):
-            return Path(os.environ["SCRATCH"]) / "rlarith" / self.name / "traces"
-        return self.run_dir / "traces"
+        return Path(self.traces.dir) if self.traces.dir else default_trace_dir(self.run_dir, self.name)
+
+
+def default_trace_dir(run_dir: Path, name: str) -> Path:
+    """``$SCRATCH/rlarith/<name>-<hash of the absolute run dir>/traces``, else ``<run dir>/traces``: a copy
+    of a run directory, or a run of the same name in another runs_dir, gets a trace folder of its own."""
+    if not os.environ.get("SCRATCH"):
+        return Path(run_dir) / "traces"
+    digest = hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:8]
+    return Path(os.environ["SCRATCH"]) / "rlarith" / f"{name}-{digest}" / "traces"
 
 
 def _section_types() -> dict[str, type]:
@@ -550,14 +581,58 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         raise _friendly(err, "the config") from None
 
 
+def load_run_config(run_dir: str | Path) -> RunConfig:
+    """The config a run directory was started with (``<run>/config.yaml``). A file that is not a whole
+    config raises ``ConfigDamaged``: empty or all zero bytes (the size a crash leaves of a file whose data
+    never reached the disk), not YAML, not a mapping, or without ``name`` (``save_config`` always writes
+    every section). Read as a config file, it would be the defaults with nothing to say so."""
+    path = Path(run_dir) / RUN_CONFIG
+    try:
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
+        raise ConfigError(f"{str(path)!r} not found: {str(run_dir)!r} is not a run directory.") from None
+    if not text.strip("\0 \t\r\n"):
+        raise ConfigDamaged(path, f"is empty ({path.stat().st_size} bytes{', all zero' if text else ''})")
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigDamaged(path, f"is not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(loaded, dict) or "name" not in loaded:
+        raise ConfigDamaged(path, "is not a whole config (no 'name' key)")
+    return load_config(path)
+
+
+def from_flat(record: dict[str, Any], source: str) -> RunConfig:
+    """The config whose ``flat`` form is ``record`` (the copy a checkpoint stores), checked like a file.
+    Keys this version does not know are left out (a record from another rlarith version)."""
+    known, nested = set(_known_keys()), {}
+    for key, value in record.items():
+        if key not in known:
+            continue
+        node = nested
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), nested))  # type: ignore[return-value]
+    except ConfigError:
+        raise
+    except OmegaConfBaseException as err:
+        if isinstance(err.__cause__, ConfigError):
+            raise err.__cause__ from None
+        raise _friendly(err, source) from None
+
+
 def to_yaml(cfg: RunConfig) -> str:
     """The resolved config as YAML: what is written to ``<run dir>/config.yaml``."""
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:
-    """Write the resolved config atomically (rlarith.durable: temporary name, then rename)."""
-    write_atomic(path, to_yaml(cfg))
+    """Write the resolved config atomically and durably (rlarith.durable: temporary name, fsync, rename,
+    fsync of the folder): a node crash after a start leaves the whole file, not an empty one."""
+    write_atomic(path, to_yaml(cfg), durable=True)
 
 
 # Prefixes of the ``flat`` keys that may change between the attempts of one run: they do not change what
