@@ -3,9 +3,12 @@
 An attempt is one start of the trainer: a SLURM job's first run or a restart after a requeue
 (``<job id>.<restart count>``), or a local run. The job driver (``rlarith.launch``, on the host) appends a
 ``start`` record before it starts the trainer and an ``end`` record when the trainer exits, saying why it
-ended and what happens next. An attempt with a start and no end was killed without warning (node failure,
-SIGKILL) or is still running. ``rlarith status RUN`` reads this file; nothing else depends on it, so a
-record is appended with one ``write`` (lines stay whole when several jobs share a filesystem).
+ended and what happens next. A rank other than 0 whose trainer failed appends a ``rank`` record with its
+own error, so the job's message names the rank that failed first, not a peer's secondary error ("connection
+reset by peer"), even when rank 0's driver is killed before it writes the end. An attempt with a start and
+no end was killed without warning (node failure, SIGKILL) or is still running; the next attempt of the same
+job records its end for it (``lost``). ``rlarith status RUN`` and ``rlarith submit --wait`` read this file;
+a record is appended with one ``write`` (lines stay whole when several jobs share a filesystem).
 
 This module imports no torch: it runs on login nodes.
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,11 +29,16 @@ RECORD = "attempts.jsonl"
 ENDINGS = {
     "finished": "training reached max_steps",
     "preempted": "SLURM preempted the job; saved and requeued",
+    "preempted-lost": "SLURM preempted the job; saved, but the requeue failed: submit again to resume",
     "timeout": "the time limit came; saved and requeued",
     "timeout-limit": "the time limit came once more than slurm.max_timeouts allows; saved, not requeued",
+    "cancelled": "cancelled (scancel); saved, not requeued: submit again to resume",
     "stopped": "stopped on a signal after saving; resumable (run the same command again)",
     "requeued": "requeued from outside (scontrol requeue or a signal); saved first",
-    "failed": "the trainer failed; not requeued",
+    "requeue-failed": "stopped and saved, but scontrol requeue failed: submit again to resume",
+    "failed": "a rank failed; not requeued",
+    "failed-requeued": "a rank failed after progress; requeued from the latest checkpoint",
+    "lost": "ended without a word (node failure or SIGKILL); SLURM restarted the job",
 }
 """Why an attempt ended (the ``ended`` field of an end record)."""
 
@@ -58,7 +67,12 @@ class Attempt:
     """end: the trainer's exit status (negative: killed by that signal)."""
     signalled: str | None = None
     """end: when the driver received the stop signal (ISO time), if it did."""
+    rank: int | None = None
+    """rank / end of a failure: the rank whose failure ended the attempt."""
+    reason: str = ""
+    """end: why it was (or was not) requeued, in words."""
     detail: str = ""
+    """The failing trainer's last lines of stderr."""
 
 
 def append(run_dir: Path, record: Attempt) -> None:
@@ -88,21 +102,40 @@ def read(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def merged(run_dir: Path) -> list[dict[str, Any]]:
-    """One row per attempt: its start record updated with its end record (if any), oldest first."""
+    """One row per attempt: its start record updated with its end record (if any), oldest first; the
+    ``rank`` records of failed ranks under ``ranks`` (oldest first)."""
     rows: dict[str, dict[str, Any]] = {}
     for rec in read(run_dir):
         row = rows.setdefault(rec["attempt"], {"attempt": rec["attempt"]})
         if rec.get("event") == "start":
             row.update({k: v for k, v in rec.items() if k != "event"}, start=rec["time"])
+        elif rec.get("event") == "rank":
+            row.setdefault("ranks", []).append(rec)
         else:
             row.update({k: v for k, v in rec.items() if k not in ("event", "host", "time")}, end=rec["time"])
     return list(rows.values())
 
 
-def count(run_dir: Path, job_id: str, ended: str) -> int:
-    """How many attempts of ``job_id`` ended with ``ended`` (e.g. the timeouts a job has used)."""
-    return sum(
-        1
-        for r in read(run_dir)
-        if r.get("event") == "end" and r.get("job_id") == job_id and r.get("ended") == ended
-    )
+def rank_failures(run_dir: Path, attempt: str) -> list[dict[str, Any]]:
+    """The ``rank`` records of ``attempt``, the first failure first (by when each trainer exited)."""
+    found = [r for r in read(run_dir) if r.get("event") == "rank" and r.get("attempt") == attempt]
+    return sorted(found, key=lambda r: r.get("time", ""))
+
+
+def failure_text(rec: dict[str, Any]) -> str:
+    """One line for a failed rank: ``rank 1 on n2: the trainer exited with status -9 (SIGKILL)``."""
+    code = rec.get("exit")
+    how = f"status {code}"
+    if isinstance(code, int) and code < 0:
+        try:
+            how += f" (killed by {signal.Signals(-code).name})"
+        except ValueError:
+            pass
+    last = [line for line in (rec.get("detail") or "").splitlines() if line.strip()]
+    said = f"; its last line: {last[-1].strip()}" if last else ""
+    return f"rank {rec.get('rank', '?')} on {rec.get('host', '?')}: the trainer exited with {how}{said}"
+
+
+def count(run_dir: Path, job_id: str, *ended: str) -> int:
+    """How many attempts of ``job_id`` ended with one of ``ended`` (e.g. the timeouts a job has used)."""
+    return sum(1 for r in merged(run_dir) if r.get("job_id") == job_id and r.get("ended") in ended)

@@ -220,6 +220,11 @@ class TrainingConfig:
     """Log metrics every this many steps (the notebook: every step)."""
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
     """Metric sinks besides the JSONL file: ``tensorboard``, ``wandb`` (offline with WANDB_MODE=offline)."""
+    collective_timeout_s: int = 300
+    """How long a rank waits in a collective (all-reduce, barrier) for a peer before it fails (TRL's
+    ``ddp_timeout``; torch's default is 30 min): a peer that vanished without a reset (a node lost its
+    power or its link) then ends the job in minutes. Raise it above the longest save, which other ranks
+    wait for at a barrier."""
 
     def __post_init__(self) -> None:
         for key in (
@@ -239,6 +244,11 @@ class TrainingConfig:
             f"GRPO needs a group of at least 2; got {self.num_generations}.",
         )
         _check(self.learning_rate > 0, "training.learning_rate", f"must be > 0; got {self.learning_rate}.")
+        _check(
+            self.collective_timeout_s >= 10,
+            "training.collective_timeout_s",
+            f"must be at least 10 seconds (a few minutes is usual); got {self.collective_timeout_s}.",
+        )
         _check(self.warmup_steps >= 0, "training.warmup_steps", f"must be >= 0; got {self.warmup_steps}.")
         _check(self.temperature > 0, "training.temperature", f"must be > 0; got {self.temperature}.")
         _check(self.beta >= 0, "training.beta", f"must be >= 0; got {self.beta}.")
@@ -404,11 +414,23 @@ class SlurmConfig:
     max_timeouts: int = 3
     """Attempts that may end at the time limit and still be requeued; the next one ends the job. Preemptions
     are requeued without limit."""
+    max_failures: int = 2
+    """Restarts after failures per job: a rank that failed (any exit but 0 and a stop) is requeued only when
+    its attempt saved a checkpoint past the one it resumed from; an attempt lost with its node (SLURM
+    restarts the job by itself) counts too. 0: a failure always ends the job."""
+    lock_wait_s: int = 300
+    """How long a restarted job waits for the run lock when an earlier attempt of the same job still holds
+    it (a crashed node's lock lingers on NFSv3, or until Lustre evicts the client), seconds."""
     container: str = ""
     """Apptainer image (``.sif``) the trainer runs in (``apptainer exec``); empty to run on the host. The
     job driver, submitit and the requeue stay on the host, where ``scontrol`` exists."""
+    container_runtime: str = "apptainer"
+    """What runs the image: ``apptainer`` (or ``singularity``; the image a ``.sif``), ``ch-run``
+    (charliecloud; the image a directory from ``ch-convert``) or ``podman`` (the image a name); a bare name
+    on the compute nodes' PATH or a path to one of these (rlarith.container)."""
     binds: list[str] = field(default_factory=list)
-    """Extra ``apptainer exec --bind`` paths (the run, model, traces and config folders are bound already)."""
+    """Extra folders bound into the container, ``SRC`` or ``SRC:DST`` (the run, model, traces, config and
+    DeepSpeed JSON folders are bound already, at their host paths)."""
     logs_dir: str = ""
     """submitit's log and pickle folder (never shared between clusters); empty: ``<runs_dir>/submitit``."""
 
@@ -423,6 +445,13 @@ class SlurmConfig:
         _check(self.gpus_per_node >= 0, "slurm.gpus_per_node", f"must be >= 0; got {self.gpus_per_node}.")
         _check(self.signal_delay_s >= 0, "slurm.signal_delay_s", f"must be >= 0; got {self.signal_delay_s}.")
         _check(self.max_timeouts >= 0, "slurm.max_timeouts", f"must be >= 0; got {self.max_timeouts}.")
+        _check(
+            Path(self.container_runtime).name in ("apptainer", "singularity", "ch-run", "podman"),
+            "slurm.container_runtime",
+            f"use apptainer, singularity, ch-run or podman (or a path to one); got {self.container_runtime!r}.",
+        )
+        _check(self.max_failures >= 0, "slurm.max_failures", f"must be >= 0; got {self.max_failures}.")
+        _check(self.lock_wait_s >= 0, "slurm.lock_wait_s", f"must be >= 0 seconds; got {self.lock_wait_s}.")
 
 
 @dataclass
@@ -642,10 +671,18 @@ RESUMABLE_KEYS = (
     "training.max_steps",
     "training.logging_steps",
     "training.report_to",
+    "training.collective_timeout_s",
     "eval.",
     "slurm.",
     "traces.",
 )
+
+
+def schema_id() -> str:
+    """A short hash of every config key: two rlarith builds with the same one read each other's configs
+    (``rlarith version`` prints it; the job driver compares the host's with the container image's)."""
+    keys = sorted(flat(RunConfig()))
+    return hashlib.sha1("\n".join(keys).encode()).hexdigest()[:10]
 
 
 def flat(cfg: RunConfig) -> dict[str, Any]:

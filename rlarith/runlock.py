@@ -6,7 +6,11 @@ Two trainers on one run directory corrupt it (interleaved metrics and traces; on
 attempt ends. The lock belongs to the open file, so it dies with the process however it dies (SIGKILL,
 node failure on a local disk): a killed job never leaves a stale lock, and nothing needs cleaning. The
 holder writes who it is into the file (host, pid, SLURM job id, since when); a second start refuses at
-once with those (``RunLocked``, a ``ConfigError``: exit 2).
+once with those (``RunLocked``, a ``ConfigError``: exit 2). One exception: when the holder is an earlier
+attempt of the same SLURM job, the start waits for it (``RLARITH_LOCK_WAIT_S``, set by the job driver from
+``slurm.lock_wait_s``; 300 s by default). After a real node crash the dead rank 0's lock can linger on a
+shared filesystem (NFSv3 until the lock manager notices, Lustre until it evicts the client), and the job
+SLURM restarted must not fail for it.
 
 Ranks other than 0 take no lock, but they look: if the lock is held by another job (not by their own
 rank 0, recognised by the ``MASTER_ADDR:MASTER_PORT`` of the process group), they refuse too, rather
@@ -48,6 +52,10 @@ class RunLocked(ConfigError):
 
 GROUP_WAIT_S = 30.0
 """How long a rank other than 0 waits for the holder's note to name its own process group."""
+
+WAIT_ENV = "RLARITH_LOCK_WAIT_S"
+"""Seconds a restarted job waits for a lock held by an earlier attempt of the same job (default below)."""
+EARLIER_ATTEMPT_WAIT_S = 300.0
 
 
 def lock_disabled() -> bool:
@@ -108,6 +116,8 @@ class RunLock:
                     break
                 time.sleep(0.05)
                 got = self._try_lock(fd)
+            if rank == 0 and not got and self._held_by_earlier_attempt():
+                got = self._wait_for_earlier_attempt(fd)
             if rank == 0:
                 if not got:
                     raise self._refusal()
@@ -116,6 +126,7 @@ class RunLock:
                     "host": socket.gethostname(),
                     "pid": os.getpid(),
                     "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""),
+                    "restart": int(os.environ.get("SLURM_RESTART_COUNT", "0")),
                     "since": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     "group": _group(),
                 }
@@ -137,6 +148,34 @@ class RunLock:
             if fd >= 0:
                 os.close(fd)
 
+    def _held_by_earlier_attempt(self) -> bool:
+        """The note names this SLURM job: only an earlier attempt of it can hold the lock (one rank 0 per
+        attempt), so its holder is dead or dying and the lock goes when the filesystem notices."""
+        job = os.environ.get("SLURM_JOB_ID", "")
+        holder = read_holder(self.run_dir)
+        return bool(job) and holder.get("slurm_job_id") == job and holder.get("pid") != os.getpid()
+
+    def _wait_for_earlier_attempt(self, fd: int) -> bool:
+        try:
+            wait_s = float(os.environ.get(WAIT_ENV, EARLIER_ATTEMPT_WAIT_S))
+        except ValueError:
+            wait_s = EARLIER_ATTEMPT_WAIT_S
+        log.warning(
+            "the run lock %s is held by an earlier attempt of this job (%s), whose node may have died: "
+            "waiting up to %.0f s for it to be released (slurm.lock_wait_s)",
+            self.path,
+            _holder_text(read_holder(self.run_dir)),
+            wait_s,
+        )
+        started = time.monotonic()
+        deadline = started + wait_s
+        while time.monotonic() < deadline:
+            time.sleep(1.0)
+            if self._try_lock(fd):
+                log.warning("the run lock was released after %.0f s; going on", time.monotonic() - started)
+                return True
+        return False
+
     def _try_lock(self, fd: int) -> bool:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -154,7 +193,15 @@ class RunLock:
             ) from None
 
     def _refusal(self) -> RunLocked:
-        holder = _holder_text(read_holder(self.run_dir))
+        info = read_holder(self.run_dir)
+        holder = _holder_text(info)
+        if self._held_by_earlier_attempt():
+            return RunLocked(
+                f"the run directory {str(self.run_dir)!r} is still locked by an earlier attempt of this job "
+                f"({holder}) after waiting {os.environ.get(WAIT_ENV, EARLIER_ATTEMPT_WAIT_S)} s: its node "
+                "may be dead with the lock still granted by the filesystem. Raise slurm.lock_wait_s, or "
+                f"make sure that process is gone and submit again; the lock is {str(self.path)!r}."
+            )
         return RunLocked(
             f"the run directory {str(self.run_dir)!r} is in use by {holder}: two trainers on one run "
             "would corrupt it. Wait for that one to end (or stop it), or pick another name=...; the "

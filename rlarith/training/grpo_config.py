@@ -95,4 +95,5 @@ def grpo_config(cfg: RunConfig, per_device: int, deepspeed: str | None, weights:
         disable_tqdm=True,
         log_completions=False,  # traces record every completion of every step instead
         dataloader_num_workers=0,
+        ddp_timeout=t.collective_timeout_s,  # a vanished peer fails the job in minutes, not 30
     )
