@@ -33,11 +33,14 @@ import stat
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rlarith import manifest
 from rlarith.durable import fsync_path
 from rlarith.manifest import Problem, Required
+
+if TYPE_CHECKING:
+    from rlarith.config import RunConfig
 
 COMPLETE = "COMPLETE"
 """Marker file: written last, fsync'd; a checkpoint folder without it is not a checkpoint."""
@@ -113,6 +116,66 @@ def latest_valid(run_dir: Path) -> Path | None:
 def load_policy_state(checkpoint: Path) -> dict[str, Any]:
     """The state ``seal`` wrote into ``checkpoint`` (for ``SavePolicy.load_state_dict`` on resume)."""
     return json.loads((Path(checkpoint) / STATE_FILE).read_text())
+
+
+def recorded_config(checkpoint: Path) -> RunConfig | None:
+    """The run's config as sealed into ``checkpoint`` (``STATE_FILE``'s ``config``: the trainer stores
+    ``flat(cfg)`` with every save); None when it holds none (sealed by an older rlarith) or cannot be read."""
+    from rlarith.config import ConfigError, from_flat
+
+    try:
+        record = load_policy_state(checkpoint).get("config")
+        return from_flat(record, f"{checkpoint / STATE_FILE}") if isinstance(record, dict) else None
+    except (OSError, ValueError, AttributeError, ConfigError):
+        return None
+
+
+def run_config(run_dir: Path, checkpoint: Path | None = None) -> tuple[RunConfig, str | None]:
+    """The config of a run directory and a note (None when all is well): ``config.yaml``, or, when that is
+    damaged (empty after a crash, cut short), the copy sealed into ``checkpoint`` (default: the latest valid
+    checkpoint that holds one), the note saying so and how to restore the file. With neither, the
+    ``ConfigDamaged`` error names the fix. Never the defaults."""
+    from rlarith.config import RUN_CONFIG, ConfigDamaged, load_run_config
+
+    run_dir = Path(run_dir)
+    try:
+        return load_run_config(run_dir), None
+    except ConfigDamaged as err:
+        damaged = err
+    candidates = (
+        [Path(checkpoint)] if checkpoint is not None else [p for _, p in reversed(valid_checkpoints(run_dir))]
+    )
+    for path in candidates:
+        cfg = recorded_config(path)
+        if cfg is not None:
+            note = (
+                f"{damaged.path} {damaged.why}: using the config sealed into {path} instead. Restore the file "
+                f"with `rlarith config --run {run_dir} > {damaged.path}` (the next `rlarith train` of this "
+                "run rewrites it too)."
+            )
+            return cfg, note
+    raise ConfigDamaged(
+        damaged.path,
+        damaged.why,
+        "No valid checkpoint of the run holds a copy of its config to use instead. Restore it from the YAML and "
+        f"overrides the run was started with: `rlarith config -c FILE [key=value ...] > {run_dir / RUN_CONFIG}`.",
+    ) from None
+
+
+def resumes_from(run_dir: Path) -> str:
+    """Where the next start of the run resumes, as a sentence for an error message."""
+    latest = latest_valid(run_dir)
+    if latest is None:
+        return "There is no valid checkpoint yet: the next start begins from the model."
+    return f"The latest valid checkpoint, {latest.name}, is intact and the next start resumes from it."
+
+
+def intact_after_failed_save(run_dir: Path, step: int) -> str:
+    """What a save of ``step`` that failed before its seal leaves intact, in sentences for the user."""
+    return (
+        f"checkpoint-{step} was never sealed, so it is not a checkpoint (its files are removed at the next "
+        f"start). {resumes_from(run_dir)}"
+    )
 
 
 # ------------------------------------------------------------------------------------------ retention

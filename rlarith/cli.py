@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from rlarith.config import ConfigError, load_config, to_yaml
+from rlarith.durable import EXIT_STORAGE, StorageError
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -24,12 +25,16 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     exclude: set[str] = set()
     if args.exclude_traces:  # a run's traced problems (rlarith.contamination's refusal names this fix)
+        from rlarith.checkpoints import run_config
         from rlarith.contamination import trained_keys
 
         run = Path(args.exclude_traces)
-        exclude = trained_keys(
-            run, load_config(run / "config.yaml") if (run / "config.yaml").is_file() else cfg
-        )
+        run_cfg = cfg
+        if (run / "config.yaml").exists():
+            run_cfg, note = run_config(run)
+            if note:
+                print(f"note: {note}", file=sys.stderr)
+        exclude = trained_keys(run, run_cfg)
     report = data.check(cfg, Path(args.out) if args.out else None, exclude_keys=exclude)
     print(
         f"task: {cfg.task.digits_a}-digit {cfg.task.op} {cfg.task.digits_b}-digit, {report.space:,} problems"
@@ -59,6 +64,14 @@ def cmd_init_model(args: argparse.Namespace) -> int:
 
     out = init_model(args.out, hidden=args.hidden, layers=args.layers, seed=args.seed)
     print(f"wrote a tiny Llama and its tokenizer to {out}")
+    return 0
+
+
+def cmd_version(args: argparse.Namespace) -> int:
+    from rlarith.config import schema_id
+    from rlarith.container import version
+
+    print(f"rlarith {version()} (config schema {schema_id()})")
     return 0
 
 
@@ -93,7 +106,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)
+    if args.run is None:
+        cfg = load_config(args.config, args.overrides)
+    elif args.config is not None or args.overrides:
+        raise ConfigError("--run prints a run's own config: drop --config and the key=value overrides.")
+    else:  # config.yaml, or the copy sealed into its latest checkpoint when config.yaml is damaged
+        from rlarith.checkpoints import run_config
+
+        cfg, note = run_config(Path(args.run))
+        if note:
+            print(f"rlarith: note: {note}", file=sys.stderr)
     print(to_yaml(cfg), end="")
     return 0
 
@@ -254,7 +276,10 @@ def cmd_traces(args: argparse.Namespace) -> int:
             "(exit status 1).",
             file=sys.stderr,
         )
-    return 1 if tr.skipped else 0
+    missing = tr.missing()  # steps metrics.jsonl has and the traces lack: said, never silent
+    if missing:
+        print(f"rlarith: warning: {traces.missing_text(missing, tr.directory, tr.run_dir)} (exit status 1).")
+    return 1 if tr.skipped or missing else 0
 
 
 def _add_traces_parsers(sub: argparse._SubParsersAction) -> None:
@@ -314,6 +339,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("config", help="print the resolved config")
     _config_args(p)
+    p.add_argument(
+        "--run",
+        default=None,
+        metavar="RUN",
+        help="print the config of the run directory RUN (its checkpoint's copy if config.yaml is damaged)",
+    )
     p.set_defaults(func=cmd_config)
 
     data = sub.add_parser("data", help="problem sets").add_subparsers(dest="data_command", required=True)
@@ -351,6 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_init_model)
+
+    p = sub.add_parser("version", help="rlarith's version and config schema (images are checked against it)")
+    p.set_defaults(func=cmd_version)
     _add_submit_parsers(sub)  # submit / status
     _add_doctor_parser(sub)  # doctor
     _add_eval_parsers(sub)  # eval / compare
@@ -366,6 +400,31 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"rlarith: config error: {err}", file=sys.stderr)
         return 2
+    except StorageError as err:  # a full, read-only or failing disk: one paragraph, and no requeue
+        print(f"rlarith: storage error: {err}", file=sys.stderr)
+        return EXIT_STORAGE
+    except PermissionError as err:  # most often a folder bound into a container, owned by another uid
+        print(f"rlarith: {permission_hint(err)}", file=sys.stderr)
+        return 2
+
+
+def permission_hint(err: PermissionError) -> str:
+    """One paragraph for a file this process may not write or read: who we are, who owns it, the fix."""
+    import os
+
+    path = Path(err.filename or ".")
+    owner = next((p for p in (path, *path.parents) if p.exists()), path)
+    try:
+        st = owner.stat()
+        whose = f"{owner} belongs to uid {st.st_uid}, gid {st.st_gid}, mode {st.st_mode & 0o7777:o}"
+    except OSError:
+        whose = f"{owner} cannot be inspected"
+    return (
+        f"permission denied: {err.filename} ({err.strerror}). This process runs as uid {os.getuid()}, gid "
+        f"{os.getgid()}; {whose}. In a container, run as the folder's owner: podman run "
+        "--userns=keep-id:uid=1000,gid=1000 (rootless) or --user $(id -u):$(id -g), or chown the folder "
+        "to the image's user (uid 1000); apptainer and ch-run run as you already (README: On a cluster)."
+    )
 
 
 if __name__ == "__main__":

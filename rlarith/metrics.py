@@ -11,7 +11,8 @@ steps after S that an interrupted attempt had already logged. So every attempt s
   ``{"time", "step": S, "event": "attempt", "attempt": "<id>", "attempt_seq": <ns>, "resumed_from": S}``.
 
 So ``metrics.jsonl`` holds each step once, and every record belongs to the attempt named by the marker
-above it. Readers should use ``read``: it attaches ``attempt`` to each record, skips markers and a torn last
+above it. Appends are fsynced (``sync``) before every checkpoint is sealed: whatever a valid checkpoint
+covers is on disk. Readers should use ``read``: it attaches ``attempt`` to each record, skips markers and a torn last
 line, and (should a file ever hold a step twice, e.g. one written before markers existed) keeps the
 latest record per step and kind. ``read(run, all_attempts=True)`` returns the superseded records too.
 This module never imports torch.
@@ -24,7 +25,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from rlarith.durable import write_atomic
+from rlarith.durable import fsync_path, write_atomic
 from rlarith.training.identity import iso_time
 
 METRICS = "metrics.jsonl"
@@ -86,7 +87,17 @@ def start_attempt(run_dir: Path, attempt: str, attempt_seq: int, resumed_step: i
     else:
         with path.open("a") as fh:
             fh.write(json.dumps(marker) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
     return len(moved)
+
+
+def sync(run_dir: Path) -> None:
+    """Make every record appended so far durable (the trainer calls it before a checkpoint is sealed, so a
+    node crash never leaves a valid checkpoint of a step whose metrics are lost)."""
+    path = Path(run_dir) / METRICS
+    if path.exists():
+        fsync_path(path)
 
 
 def _kind(record: dict[str, Any]) -> str:

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from rlarith import manifest
+from rlarith.durable import StorageError
 from rlarith.training.async_save import MARKER, BackgroundWriter, HostBuffers, Snapshot, capture
 
 
@@ -100,14 +101,17 @@ def test_rank_zero_seals_only_once_every_rank_has_written(tmp_path: Path) -> Non
     assert known == manifest.record(tmp_path)["files"], "rank 1's checksums reach rank 0 in its marker"
 
 
-def test_a_failed_background_write_is_raised_in_the_training_thread_naming_the_folder(tmp_path: Path) -> None:
+def test_a_failed_background_write_is_raised_in_the_training_thread_naming_the_file(tmp_path: Path) -> None:
+    folder = tmp_path / "checkpoints" / ".staging" / "checkpoint-4"
+    folder.mkdir(parents=True)
     snapshot = Snapshot(HostBuffers())
     with capture(snapshot):
-        torch.save({"x": torch.ones(1)}, tmp_path / "gone" / "optimizer.pt")  # its folder does not exist
+        torch.save({"x": torch.ones(1)}, folder / "gone" / "optimizer.pt")  # its folder does not exist
     writer = BackgroundWriter(rank=0, world_size=1)
     sealed: list[float] = []
-    writer.submit(snapshot, tmp_path, lambda seconds, known: sealed.append(seconds))
-    with pytest.raises(RuntimeError, match=f"background write of {tmp_path} failed.*never sealed"):
+    writer.submit(snapshot, folder, lambda seconds, known: sealed.append(seconds))
+    with pytest.raises(StorageError, match=f"background write of checkpoint-4 failed: {folder}/gone/optimizer.pt: "
+                       "a folder on its path was removed.*never sealed.*no valid checkpoint yet"):  # fmt: skip
         writer.wait()
     assert not sealed
     assert writer.wait() == pytest.approx(0, abs=0.1)  # reported once; the writer is usable again

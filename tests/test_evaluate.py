@@ -19,8 +19,11 @@ from rlarith.data import TrainProblems, heldout, make_task, read_problems, write
 from rlarith.evaluate import (
     ERROR_KINDS,
     EvalResult,
+    EvalSettings,
     check_contamination,
     evaluate_model,
+    resolve_target,
+    run_eval,
     score_completions,
     trained_keys,
     wilson_interval,
@@ -396,3 +399,113 @@ def test_compare_names_missing_runs_and_says_how_to_fill_empty_ones(
         f"not evaluated: `rlarith eval {fresh.run_dir} --all-checkpoints --split val`" in row
         and "0.300 (3)" in row
     )
+
+
+# ---- a run directory that scratch was hostile to -----------------------------------------------------------
+
+
+def record_config(cfg: RunConfig, step: int) -> None:
+    """What the trainer seals into every checkpoint: the run's config (``flat``) beside the policy state."""
+    from rlarith.checkpoints import STATE_FILE, checkpoint_path
+    from rlarith.config import flat
+
+    (checkpoint_path(cfg.run_dir, step) / STATE_FILE).write_text(json.dumps({"config": flat(cfg)}))
+
+
+def test_an_empty_config_yaml_is_never_read_as_the_defaults(tmp_path, base_model, capsys):
+    """A crash leaves config.yaml empty: eval scores with the config sealed into the checkpoint (addition,
+    as trained; the defaults would be 3-digit x 2-digit multiplication), says so and how to restore the
+    file; `rlarith config --run` restores it. Without a copy in a checkpoint, eval refuses with the fix."""
+    cfg = make_run(tmp_path, "crashed", base_model, steps=(2,))
+    record_config(cfg, 2)
+    saved = cfg.run_dir / "config.yaml"
+    saved.write_bytes(b"")
+    assert main(["eval", str(cfg.run_dir), "--n", "3"]) == 0
+    out = capsys.readouterr().out
+    assert (
+        f"{saved} is empty (0 bytes): using the config sealed into" in out and "rlarith config --run" in out
+    )
+    records = json.loads((cfg.run_dir / "eval" / "val-step2.json").read_text())["records"]
+    assert len(records) == 3 and all(" + " in r["question"] for r in records), records
+    assert main(["config", "--run", str(cfg.run_dir)]) == 0
+    restored = capsys.readouterr()
+    assert "is empty (0 bytes)" in restored.err and "op: +" in restored.out
+    saved.write_text(restored.out)
+    assert load_config(saved) == cfg  # the checkpoint's copy is the whole config
+
+    # Zero bytes of the right length (what some filesystems leave), and no copy in any checkpoint.
+    other = make_run(tmp_path, "older", base_model, steps=(2,))
+    (other.run_dir / "config.yaml").write_bytes(b"\0" * 300)
+    assert main(["eval", str(other.run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "is empty (300 bytes, all zero)" in err and "never reads it as the default config" in err
+    assert f"rlarith config -c FILE [key=value ...] > {other.run_dir / 'config.yaml'}" in err
+    (other.run_dir / "config.yaml").write_text("name: older\ntask: {op: '+'\n")  # cut short
+    assert main(["eval", str(other.run_dir / "checkpoints" / "checkpoint-2")]) == 2
+    assert "is not valid YAML" in capsys.readouterr().err
+
+
+def prune_like_retention(checkpoint: Path) -> None:
+    """Delete a checkpoint as rlarith.checkpoints.prune does: COMPLETE first, then the files."""
+    import shutil
+
+    (checkpoint / "COMPLETE").unlink()
+    shutil.rmtree(checkpoint)
+
+
+def test_checkpoints_pruned_while_eval_runs_are_skipped_and_the_rest_scored(tmp_path, base_model):
+    """--all-checkpoints beside a training run: retention deletes listed checkpoints while the models load
+    (a thread removing them one by one, as prune does, once the first result is written). Each listed
+    checkpoint is scored or skipped with a line saying so; nothing fails."""
+    import threading
+
+    cfg = make_run(tmp_path, "live", base_model, steps=(2, 4, 6, 8, 10))
+    started, lines = threading.Event(), []
+
+    def log(line: str) -> None:
+        lines.append(line)
+        started.set()
+
+    def retention() -> None:
+        started.wait(60)
+        for step in (4, 6, 8):
+            prune_like_retention(cfg.run_dir / "checkpoints" / f"checkpoint-{step}")
+
+    pruner = threading.Thread(target=retention)
+    pruner.start()
+    results = run_eval(
+        resolve_target(cfg.run_dir), EvalSettings(n=3), all_checkpoints=True, progress=False, log=log
+    )
+    pruner.join()
+    scored = {r.step for r in results}
+    skipped = {
+        int(m)
+        for line in lines
+        for m in re.findall(r"^skipped checkpoint-(\d+): deleted after it was listed", line)
+    }
+    assert scored | skipped == {0, 2, 4, 6, 8, 10} and not scored & skipped, lines
+    assert {0, 2, 10} <= scored and skipped, lines  # the pruner ran while the eval did
+    assert any(f"{len(skipped)} checkpoint(s) deleted before they were scored" in line for line in lines)
+    over = json.loads((cfg.run_dir / "eval" / "val-over-steps.json").read_text())
+    assert sorted(r["step"] for r in over) == sorted(scored)
+
+
+def test_the_latest_checkpoint_pruned_before_it_loads_gives_way_to_the_new_latest(tmp_path, base_model):
+    cfg = make_run(tmp_path, "moving", base_model, steps=(2, 4))
+    target = resolve_target(cfg.run_dir)
+    assert target.step == 4
+    # The run saves checkpoint-6 and retention deletes checkpoint-4 between listing and loading.
+    (init_model(cfg.run_dir / "checkpoints" / "checkpoint-6", seed=30) / "COMPLETE").write_text("")
+    prune_like_retention(cfg.run_dir / "checkpoints" / "checkpoint-4")
+    lines: list[str] = []
+    [result] = run_eval(target, EvalSettings(n=2), progress=False, log=lines.append)
+    assert result.step == 6 and result.model == str(cfg.run_dir / "checkpoints" / "checkpoint-6")
+    assert any("checkpoint-4 was deleted by the run's retention while it was loading" in line and
+               "scoring checkpoint-6, now the latest valid checkpoint" in line for line in lines), lines  # fmt: skip
+    # A checkpoint the user named is not replaced by another: a clear error instead of a loader's.
+    named = resolve_target(cfg.run_dir / "checkpoints" / "checkpoint-6")
+    prune_like_retention(cfg.run_dir / "checkpoints" / "checkpoint-6")
+    with pytest.raises(
+        ConfigError, match="checkpoint-6' was deleted before it could be scored.*evaluate the run"
+    ):
+        run_eval(named, EvalSettings(n=2), progress=False, log=lines.append)

@@ -3,7 +3,7 @@ sampling; ``evaluate_model`` generates for a list of problems and scores the com
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -122,12 +122,16 @@ def evaluate_model(
     progress: bool = True,
     split: str = "",
     step: int | None = None,
+    loaded: Callable[[], None] | None = None,
 ) -> EvalResult:
     """Generate for ``problems`` with the model in ``model_path`` and score it (no contamination check:
-    callers that own a run use ``trained_keys``/``check_contamination`` first)."""
+    callers that own a run use ``trained_keys``/``check_contamination`` first). ``loaded`` is called once
+    the model is in memory, before generating (``rlarith eval`` checks there that a checkpoint was whole)."""
     check_sampling(samples, temperature)
     model, tok = load_model(model_path, cfg)
     try:
+        if loaded is not None:
+            loaded()
         completions = generate(
             model,
             tok,

@@ -12,11 +12,19 @@ Order of operations, and why:
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rlarith.checkpoints import COMPLETE, step_of, valid_checkpoints
+from rlarith.checkpoints import (
+    COMPLETE,
+    checkpoints_dir,
+    latest_valid,
+    run_config,
+    step_of,
+    valid_checkpoints,
+)
 from rlarith.config import ConfigError, RunConfig, load_config
 from rlarith.contamination import (
     check_contamination,
@@ -26,7 +34,7 @@ from rlarith.contamination import (
     unreadable_error,
 )
 from rlarith.data import heldout, make_task, read_problems
-from rlarith.durable import write_atomic
+from rlarith.durable import storage_errors, write_atomic
 from rlarith.evaluate.generation import check_sampling, evaluate_model
 from rlarith.evaluate.reports import markdown_table, plot_over_steps, write_result
 from rlarith.evaluate.scoring import EvalResult
@@ -45,6 +53,15 @@ class Target:
     step: int | None
     is_run: bool
     """False for a bare model evaluated with ``--config``."""
+    note: str | None = None
+    """Said before scoring: e.g. config.yaml was damaged and a checkpoint's copy of the config is used."""
+    latest: bool = False
+    """``model_path`` is the run's latest valid checkpoint (not one the user named): should retention delete
+    it before it is loaded, the new latest one is scored instead."""
+
+
+class Pruned(Exception):
+    """A checkpoint deleted after it was chosen (by the run's retention, while the run trains)."""
 
 
 def resolve_target(path: str | Path, config: str | Path | None = None) -> Target:
@@ -56,10 +73,10 @@ def resolve_target(path: str | Path, config: str | Path | None = None) -> Target
                 f"{str(path)!r} is a run directory with its own config.yaml; drop --config (it is for bare "
                 "model directories)."
             )
-        cfg = load_config(path / "config.yaml")
+        cfg, note = run_config(path)
         ckpts = valid_checkpoints(path)
         step, model = ckpts[-1] if ckpts else (None, None)
-        return Target(run_dir=path, cfg=cfg, model_path=model, step=step, is_run=True)
+        return Target(run_dir=path, cfg=cfg, model_path=model, step=step, is_run=True, note=note, latest=True)
     step = step_of(path)
     run_dir = path.parent.parent
     if step is not None and path.parent.name == "checkpoints" and (run_dir / "config.yaml").is_file():
@@ -73,8 +90,8 @@ def resolve_target(path: str | Path, config: str | Path | None = None) -> Target
                 f"{str(path)!r} is a checkpoint of a run with its own config.yaml; drop --config (it is for "
                 "bare model directories)."
             )
-        cfg = load_config(run_dir / "config.yaml")
-        return Target(run_dir=run_dir, cfg=cfg, model_path=path, step=step, is_run=True)
+        cfg, note = run_config(run_dir, checkpoint=path)  # a damaged config.yaml: this checkpoint's copy
+        return Target(run_dir=run_dir, cfg=cfg, model_path=path, step=step, is_run=True, note=note)
     if not path.exists():
         raise ConfigError(
             f"{str(path)!r} not found; pass a run directory, a checkpoint or a model directory."
@@ -86,6 +103,51 @@ def resolve_target(path: str | Path, config: str | Path | None = None) -> Target
         )
     cfg = load_config(config)
     return Target(run_dir=cfg.run_dir, cfg=cfg, model_path=path, step=None, is_run=False)
+
+
+def _score(
+    model_path: Path, problems: list[Problem], cfg: RunConfig, checkpoint: bool, **kwargs: Any
+) -> EvalResult:
+    """``evaluate_model``; for a checkpoint, ``Pruned`` when it lost ``COMPLETE`` before its weights were in
+    memory. Retention removes ``COMPLETE`` before any file, so a checkpoint that still holds it once the
+    model is loaded was whole while it loaded; one that lost it may have lost files under the loader."""
+
+    def whole() -> None:
+        if checkpoint and not (model_path / COMPLETE).is_file():
+            raise Pruned(model_path)
+
+    whole()
+    try:
+        return evaluate_model(model_path, problems, cfg, loaded=whole, **kwargs)
+    except Pruned:
+        raise
+    except Exception:  # whatever a loader says about files vanishing under it (OSError, HFValidationError...)
+        whole()
+        raise
+
+
+def _score_latest_instead(
+    target: Target, gone: Path, score: Callable[[int | None, Path], EvalResult], log: Any
+) -> tuple[int | None, Path, EvalResult]:
+    """The chosen checkpoint was pruned: score the run's new latest valid one (when the user asked for the
+    latest), saying so; a checkpoint the user named, or none left, is a clear error."""
+    for _ in range(5):  # a run that saves faster than a model loads would never settle
+        newer = latest_valid(target.run_dir) if target.latest else None
+        if newer is None or newer == gone:
+            break
+        log(
+            f"note: {gone.name} was deleted by the run's retention while it was loading (the run is training); "
+            f"scoring {newer.name}, now the latest valid checkpoint"
+        )
+        try:
+            return step_of(newer), newer, score(step_of(newer), newer)
+        except Pruned:
+            gone = newer
+    raise ConfigError(
+        f"{str(gone)!r} was deleted before it could be scored (retention keeps the first, second-to-last, latest "
+        f"and best checkpoints while a run trains): evaluate the run directory {str(target.run_dir)!r} for its "
+        "latest checkpoint, or name one that retention keeps."
+    )
 
 
 def heldout_problems(run_dir: Path, cfg: RunConfig, split: str, n: int) -> tuple[list[Problem], str]:
@@ -135,6 +197,8 @@ def run_eval(
     log: Any = print,
 ) -> list[EvalResult]:
     """``rlarith eval``: held-out set, contamination check, then score one model or every checkpoint."""
+    if target.note:
+        log(f"note: {target.note}")
     s = settings.resolved(target.cfg)
     problems, source = heldout_problems(target.run_dir, target.cfg, s.split, s.n)
     if len(problems) < s.n:
@@ -167,13 +231,12 @@ def run_eval(
     else:
         models = [(target.step, target.model_path)]
 
-    eval_dir = target.run_dir / "eval"
-    results = []
-    for step, model_path in models:
-        result = evaluate_model(
+    def score(step: int | None, model_path: Path) -> EvalResult:
+        return _score(
             model_path,
             problems,
             target.cfg,
+            checkpoint=target.is_run and model_path.parent == checkpoints_dir(target.run_dir),
             samples=s.samples,
             temperature=s.temperature,
             batch_size=s.batch_size,
@@ -183,10 +246,31 @@ def run_eval(
             split=s.split,
             step=step,
         )
+
+    eval_dir = target.run_dir / "eval"
+    results, skipped = [], []
+    for step, model_path in models:
+        try:
+            result = score(step, model_path)
+        except Pruned:
+            if not all_checkpoints:
+                step, model_path, result = _score_latest_instead(target, model_path, score, log)
+            else:
+                log(
+                    f"skipped {model_path.name}: deleted after it was listed (by the run's retention, while "
+                    "the run trains); scoring the rest"
+                )
+                skipped.append(model_path.name)
+                continue
         result.contaminated = len(overlap)
         result.unreadable_traces = [str(path) for path, _ in unreadable]
-        log(f"wrote {write_result(result, eval_dir)}")
+        with storage_errors(
+            f"Writing the result of {model_path.name}", eval_dir, "The results written before it are intact."
+        ):
+            log(f"wrote {write_result(result, eval_dir)}")
         results.append(result)
+    if skipped:
+        log(f"{len(skipped)} checkpoint(s) deleted before they were scored: {', '.join(skipped)}")
     if all_checkpoints:
         stem = f"{s.split}-over-steps"
         write_atomic(

@@ -43,7 +43,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from rlarith import manifest
-from rlarith.durable import write_atomic
+from rlarith.checkpoints import intact_after_failed_save, step_of
+from rlarith.durable import StorageError, os_error, storage_error, write_atomic
 
 MARKER = ".written-rank{rank}"
 """Dropped in the checkpoint folder by each rank once its files are written and fsync'd: their checksum
@@ -258,6 +259,22 @@ class BackgroundWriter:
             self._thread = None
         if self._error is not None:
             err, self._error = self._error, None
+            if isinstance(err, StorageError):  # the seal's own paragraph
+                raise err
+            cause, step = os_error(err), step_of(self.folder)
+            if cause is not None:
+                intact = (  # the run dir holds checkpoints/.staging/<folder>
+                    intact_after_failed_save(self.folder.parents[2], step)
+                    if step is not None and len(self.folder.parents) > 2
+                    else "It was never sealed, so it is not a checkpoint; the previous valid checkpoint is "
+                    "intact and the next start resumes from it."
+                )
+                raise storage_error(
+                    f"The background write of {self.folder.name}",
+                    cause.filename or self.folder,
+                    cause,
+                    intact,
+                ) from err
             raise RuntimeError(
                 f"the background write of {self.folder} failed: {err}. It was never sealed, so it is not a "
                 "checkpoint; the previous valid checkpoint is intact and the next start resumes from it."

@@ -10,6 +10,8 @@ import time
 from typing import Any
 
 from rlarith import metrics
+from rlarith.checkpoints import resumes_from
+from rlarith.durable import storage_errors
 from rlarith.preemption import agree
 from rlarith.training.context import RunContext
 from rlarith.training.identity import iso_time
@@ -97,8 +99,16 @@ def make_callbacks(run: RunContext, trainer: Any) -> list[Any]:
             record = {"time": iso_time(), "step": state.global_step, **logs}
             if run.traces is not None and "loss" in logs:  # the recorder's own cost, for benchmarks/traces.md
                 record["traces/write_s"], run.trace_seconds = run.trace_seconds, 0.0
-            with metrics_path.open("a") as fh:
-                fh.write(json.dumps(record) + "\n")
+            step = state.global_step
+
+            def intact() -> str:
+                return "Every record before it stays in the file (readers skip a torn last line). " + (
+                    resumes_from(run.cfg.run_dir)
+                )
+
+            with storage_errors(f"Appending step {step} to {metrics.METRICS}", metrics_path, intact):
+                with metrics_path.open("a") as fh:
+                    fh.write(json.dumps(record) + "\n")
             shown = {
                 k: v
                 for k, v in logs.items()

@@ -4,6 +4,7 @@ selection (``FILE_ONLY`` lines go to the run's log file alone)."""
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -54,10 +55,32 @@ def setup_logging() -> StepFilter:
     return step_filter
 
 
+class RunLogFile(logging.FileHandler):
+    """The run's log file. A write that fails (a full or read-only disk) is said once on stderr, not as a
+    traceback per line; the screen keeps every line, and the error that stops the run names the cause."""
+
+    failed = False
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802
+        if not self.failed:
+            self.failed = True
+            err = sys.exc_info()[1]
+            print(f"rlarith: cannot write the run's log {self.baseFilename} ({err}); lines go to the screen "
+                  "only from now on", file=sys.stderr)  # fmt: skip
+
+
+def sync_log_files() -> None:
+    """fsync the run's log files (before a checkpoint is sealed: its log survives a node crash)."""
+    for handler in log.handlers:
+        if isinstance(handler, RunLogFile) and handler.stream is not None and not handler.failed:
+            handler.flush()
+            os.fsync(handler.stream.fileno())
+
+
 def log_to_file(path: Path, step_filter: StepFilter) -> None:
     """Also append every line to ``path`` (one file per rank): no need to pipe the output to keep it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path)
+    handler = RunLogFile(path)
     handler.setFormatter(log.handlers[0].formatter)
     handler.addFilter(step_filter)
     log.addHandler(handler)

@@ -10,7 +10,16 @@ from pathlib import Path
 from typing import Any
 
 from rlarith.checkpoints import STATE_FILE, latest_valid
-from rlarith.config import RESUMABLE_KEYS, ConfigError, RunConfig, flat, load_config
+from rlarith.config import (
+    RESUMABLE_KEYS,
+    RUN_CONFIG,
+    ConfigDamaged,
+    ConfigError,
+    RunConfig,
+    flat,
+    load_run_config,
+)
+from rlarith.durable import writable
 from rlarith.training.identity import iso_time, run_id
 
 # Keys a resumed run cannot take a new value for: what they set is restored from the checkpoint. A
@@ -77,28 +86,44 @@ def check_run_dir(cfg: RunConfig, force: bool) -> ForcedChange | None:
     """The run dir must be writable, and a run dir made by another config is refused unless forced.
 
     "Made by" is read from ``config.yaml`` and from the run id stored in the latest checkpoint (so a
-    deleted or edited config.yaml hides nothing). A forced change of a key in ``FIXED_ON_RESUME`` is
+    deleted or edited config.yaml hides nothing). A damaged ``config.yaml`` (empty after a crash) is never
+    read as the defaults: the copy of the config sealed into the latest checkpoint is the record then, and
+    without one the start is refused with the fix (with no checkpoint at all there is nothing to resume,
+    and the start goes on; ``train`` sets the damaged file aside). A forced change of a key in ``FIXED_ON_RESUME`` is
     refused anyway; any other is returned, to be recorded (``FORCED_RECORD``) and applied."""
     run_dir = cfg.run_dir
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write-test-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
+        problem = writable(run_dir)  # a real write of some data: a full disk takes an empty file
     except OSError as err:
+        problem = err.strerror
+    if problem:
         raise ConfigError(
-            f"runs_dir/name: cannot write to the run directory {str(run_dir)!r} ({err.strerror}); "
-            "choose a writable runs_dir."
-        ) from None
+            f"runs_dir/name: cannot write to the run directory {str(run_dir)!r} ({problem}); free space there "
+            "or choose a writable runs_dir."
+        )
     new, new_id = flat(cfg), run_id(cfg)
     sources: list[tuple[str, str, dict[str, Any] | None]] = []  # (what, its run id, its flat config)
-    saved = run_dir / "config.yaml"
-    if saved.is_file():
-        old_cfg = load_config(saved)
-        sources.append(("config.yaml", run_id(old_cfg), flat(old_cfg)))
     latest = latest_valid(run_dir)
     stored = _stored_state(latest) if latest is not None else {}
-    if stored.get("run_id") and stored["run_id"] not in _accepted_ids(run_dir, new_id):
+    saved, damaged = run_dir / RUN_CONFIG, None
+    if saved.exists():
+        try:
+            old_cfg = load_run_config(run_dir)
+            sources.append((RUN_CONFIG, run_id(old_cfg), flat(old_cfg)))
+        except ConfigDamaged as err:
+            damaged = err  # the checkpoint's copy below is the record; with none, refused
+    if damaged is not None and latest is not None and not isinstance(stored.get("config"), dict):
+        raise ConfigDamaged(
+            damaged.path,
+            damaged.why,
+            f"{latest.name} holds no copy of the config (sealed by an older rlarith) to check this start "
+            f"against. Restore the file from the YAML and overrides the run was started with: `rlarith config "
+            f"-c FILE [key=value ...] > {saved}`.",
+        )
+    if stored.get("run_id") and (
+        damaged is not None or stored["run_id"] not in _accepted_ids(run_dir, new_id)
+    ):
         sources.append((f"{latest.name} (run id {stored['run_id']})", stored["run_id"], stored.get("config")))
     for what, old_id, old in sources:
         changed = _changed(old, new) if old is not None else []
@@ -122,6 +147,22 @@ def check_run_dir(cfg: RunConfig, force: bool) -> ForcedChange | None:
             )
         return ForcedChange(old_id, new_id, {k: (old.get(k), new.get(k)) for k in changed} if old else {})
     return None
+
+
+def check_trace_dir(cfg: RunConfig) -> None:
+    """The trace folder takes a file (with data, fsynced) before any model is loaded: an unwritable or full
+    one would otherwise fail at the first step, after the load."""
+    if not cfg.traces.enabled:
+        return
+    problem = writable(cfg.trace_dir)
+    if problem:
+        raise ConfigError(
+            f"traces.dir: cannot write to the trace folder {str(cfg.trace_dir)!r} ({problem}); free space "
+            "there, set traces.dir (or SCRATCH) to a writable folder, or traces.enabled=false."
+        )
+    from rlarith.traces.owner import check  # a folder of another run directory: refused before the load too
+
+    check(cfg.trace_dir, run_id(cfg), cfg.run_dir)
 
 
 def record_forced(run_dir: Path, forced: ForcedChange, attempt: str) -> None:

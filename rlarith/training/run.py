@@ -34,11 +34,21 @@ from __future__ import annotations
 import os
 import random
 import socket
+from pathlib import Path
+from typing import Any
 
 from rlarith import metrics as metrics_file
-from rlarith.checkpoints import clean_staging, latest_valid, latest_verified, load_policy_state, step_of
-from rlarith.config import RunConfig, flat, load_config, save_config
+from rlarith.checkpoints import (
+    clean_staging,
+    latest_valid,
+    latest_verified,
+    load_policy_state,
+    resumes_from,
+    step_of,
+)
+from rlarith.config import RUN_CONFIG, ConfigDamaged, RunConfig, flat, load_run_config, save_config
 from rlarith.data import TrainProblems, make_task
+from rlarith.durable import StorageError, os_error, storage_error, storage_errors
 from rlarith.preemption import EXIT_STOPPED, StopRequest, agree
 from rlarith.quiet import expect_tied_keys, warn_once
 from rlarith.runlock import RunLock
@@ -50,9 +60,11 @@ from rlarith.training.identity import Attempt, global_rank, iso_time
 from rlarith.training.logs import StepFilter, log, log_to_file, setup_logging
 from rlarith.training.preflight import (
     FORCED_RECORD,
+    ForcedChange,
     check_batch,
     check_model_path,
     check_run_dir,
+    check_trace_dir,
     record_forced,
 )
 from rlarith.training.trainer import make_trainer_class
@@ -89,8 +101,11 @@ def _train(cfg: RunConfig, force: bool, stop: StopRequest, step_filter: StepFilt
     # Cheap checks first: no model is loaded before the config, paths and data are known to be good.
     check_model_path(cfg)
     forced = check_run_dir(cfg, force)
+    check_trace_dir(cfg)
     lock.acquire(rank)  # one writer per run directory, before anything in it is written
-    log_to_file(cfg.run_dir / "logs" / f"rank{rank}.log", step_filter)
+    logs = cfg.run_dir / "logs" / f"rank{rank}.log"
+    with storage_errors("Opening the run's log", logs, lambda: resumes_from(cfg.run_dir)):
+        log_to_file(logs, step_filter)
     ds_config = deepspeed_config(cfg)
     task = make_task(cfg.task)
     stream = TrainProblems(task, cfg.data, cfg.training.seed)
@@ -110,37 +125,8 @@ def _train(cfg: RunConfig, force: bool, stop: StopRequest, step_filter: StepFilt
         return _stopped_before_training(stop)
     attempt = Attempt.current()  # rank 0's is every rank's (broadcast below)
     if rank == 0:
-        saved = cfg.run_dir / "config.yaml"
-        if saved.is_file() and flat(load_config(saved)) != flat(cfg):  # keep the record of earlier attempts
-            saved.rename(saved.with_name(f"config.{iso_time().replace(':', '')}.yaml"))
-        save_config(cfg, saved)
-        if forced is not None:
-            record_forced(cfg.run_dir, forced, attempt.id)
-            log.info("resuming with --force; changed: %s (recorded in %s)", forced, FORCED_RECORD)
-        for path in clean_staging(cfg.run_dir):
-            log.info("removed the leftover of an interrupted save: %s", path)
-        found = latest_verified(cfg.run_dir)  # rank 0 moves damaged ones aside before any rank looks
-        for moved in found.moved:
-            log.warning("%s", moved)
-        if found.verified is not None:
-            v = found.verified
-            log.info(
-                "verified %s: %d files, %.1f MiB, %s in %.2f s",
-                found.checkpoint.name,
-                v.files,
-                v.bytes / 2**20,
-                "checksums" if v.checksums else "sizes only (sealed before checksums)",
-                v.seconds,
-            )
-        resumed_step = (step_of(found.checkpoint) or 0) if found.checkpoint else 0
-        superseded = metrics_file.start_attempt(cfg.run_dir, attempt.id, attempt.seq, resumed_step)
-        if superseded:
-            log.info(
-                "%d metrics records of steps after %d (to be re-run) moved to %s",
-                superseded,
-                resumed_step,
-                metrics_file.SUPERSEDED,
-            )
+        with storage_errors("Preparing the run directory", cfg.run_dir, lambda: resumes_from(cfg.run_dir)):
+            _prepare_run_dir(cfg, forced, attempt)
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
@@ -187,7 +173,7 @@ def _train(cfg: RunConfig, force: bool, stop: StopRequest, step_filter: StepFilt
     if resume is not None:
         run.policy.load_state_dict(load_policy_state(resume))
     if cfg.traces.enabled:
-        from rlarith.traces import TraceWriter
+        from rlarith.traces import TraceWriter, trace_gaps
 
         run.traces = TraceWriter(
             cfg.trace_dir,
@@ -197,7 +183,13 @@ def _train(cfg: RunConfig, force: bool, stop: StopRequest, step_filter: StepFilt
             attempt_seq=attempt.seq,
             cfg=cfg.traces,
             resume_step=step_of(resume) if resume else 0,  # earlier attempts' later steps are superseded
+            run_dir=cfg.run_dir,  # the folder must belong to this run directory (rlarith.traces.owner)
         )
+        if rank == 0 and resume is not None:  # steps trained but not traced (purged, lost): said, not hidden
+            every = cfg.training.steps_per_generation * cfg.training.num_iterations
+            gaps = trace_gaps(cfg.trace_dir, cfg.run_dir, every)
+            if gaps:
+                log.warning("%s; training goes on, recording its new steps", gaps)
 
     log.info(
         "run %s, attempt %s, %d rank(s), %s",
@@ -215,11 +207,21 @@ def _train(cfg: RunConfig, force: bool, stop: StopRequest, step_filter: StepFilt
     try:
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         run.writer.wait()  # the final save is synchronous; this only surfaces an earlier write's error
+    except BaseException as err:
+        _wind_down(run)  # the first error is the one reported; what else fails on the way out is a line each
+        cause = None if isinstance(err, StorageError) else os_error(err)
+        if cause is not None:  # a write not guarded where it is made (TensorBoard's, a library's)
+            step = trainer.state.global_step
+            raise storage_error(
+                f"Training at step {step}", cause.filename, cause, resumes_from(cfg.run_dir)
+            ) from err
+        raise
     finally:
-        if run.traces is not None:
-            run.traces.close()
         if torch.distributed.is_initialized():  # DeepSpeed/DDP: leave no NCCL/gloo resources behind
             torch.distributed.destroy_process_group()
+    if run.traces is not None:
+        with storage_errors("Closing the traces", cfg.trace_dir, lambda: resumes_from(cfg.run_dir)):
+            run.traces.close()
     if run.stopped and trainer.state.global_step < trainer.state.max_steps:
         log.info(
             "stopped at step %d after a full save; exit %d asks for a requeue",
@@ -231,6 +233,65 @@ def _train(cfg: RunConfig, force: bool, stop: StopRequest, step_filter: StepFilt
         log.info("a stop request came during the final step; training is finished, so exit 0, not a requeue")
     log.info("finished at step %d", trainer.state.global_step)
     return 0
+
+
+def _wind_down(run: RunContext) -> None:
+    """After training failed: let a background write in flight finish (it may still seal a checkpoint),
+    and close the traces; an error in either is said in one line, so it never hides the first one."""
+    steps = [("the background write", run.writer.wait)]
+    if run.traces is not None:
+        steps.append(("closing the traces", run.traces.close))
+    for what, call in steps:
+        try:
+            call()
+        except Exception as err:  # reported; the first error goes on
+            log.warning("also failed on the way out: %s: %s", what, (str(err) or repr(err)).splitlines()[0])
+
+
+def _prepare_run_dir(cfg: RunConfig, forced: ForcedChange | None, attempt: Attempt) -> None:
+    """Rank 0, under the run lock, before any rank looks for a checkpoint: the config's record, leftovers
+    of interrupted saves removed, damaged checkpoints moved aside, the metrics of re-run steps set aside."""
+    saved = cfg.run_dir / RUN_CONFIG
+    if saved.exists() and _saved_config(cfg.run_dir) != flat(cfg):  # keep the record of earlier attempts
+        saved.rename(saved.with_name(f"config.{iso_time().replace(':', '')}.yaml"))
+    save_config(cfg, saved)
+    if forced is not None:
+        record_forced(cfg.run_dir, forced, attempt.id)
+        log.info("resuming with --force; changed: %s (recorded in %s)", forced, FORCED_RECORD)
+    for path in clean_staging(cfg.run_dir):
+        log.info("removed the leftover of an interrupted save: %s", path)
+    found = latest_verified(cfg.run_dir)  # rank 0 moves damaged ones aside before any rank looks
+    for moved in found.moved:
+        log.warning("%s", moved)
+    if found.verified is not None:
+        v = found.verified
+        log.info(
+            "verified %s: %d files, %.1f MiB, %s in %.2f s",
+            found.checkpoint.name,
+            v.files,
+            v.bytes / 2**20,
+            "checksums" if v.checksums else "sizes only (sealed before checksums)",
+            v.seconds,
+        )
+    resumed_step = (step_of(found.checkpoint) or 0) if found.checkpoint else 0
+    superseded = metrics_file.start_attempt(cfg.run_dir, attempt.id, attempt.seq, resumed_step)
+    if superseded:
+        log.info(
+            "%d metrics records of steps after %d (to be re-run) moved to %s",
+            superseded,
+            resumed_step,
+            metrics_file.SUPERSEDED,
+        )
+
+
+def _saved_config(run_dir: Path) -> dict[str, Any] | None:
+    """The flat config of ``<run>/config.yaml``; None when it is damaged (preflight checked this start
+    against the checkpoint's copy instead), said in the log."""
+    try:
+        return flat(load_run_config(run_dir))
+    except ConfigDamaged as err:
+        log.warning("%s %s: set aside, and written again from this start's config", err.path, err.why)
+        return None
 
 
 def _stopped_before_training(stop: StopRequest) -> int:

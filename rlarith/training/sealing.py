@@ -11,11 +11,21 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from rlarith.checkpoints import STATE_FILE, checkpoint_path, prune, seal, staging_dir, step_of
+from rlarith import metrics
+from rlarith.checkpoints import (
+    STATE_FILE,
+    checkpoint_path,
+    intact_after_failed_save,
+    prune,
+    seal,
+    staging_dir,
+    step_of,
+)
 from rlarith.config import flat
+from rlarith.durable import storage_errors
 from rlarith.grace import verdict
 from rlarith.training.context import RunContext
-from rlarith.training.logs import FILE_ONLY, log
+from rlarith.training.logs import FILE_ONLY, log, sync_log_files
 
 
 def checkpoint_contents(step: int, world_size: int, deepspeed: bool) -> list[Any]:
@@ -40,6 +50,8 @@ def seal_save(run: RunContext, trainer: Any) -> None:
     """Called on every rank right after the Trainer's save (``on_save``). A synchronous save is sealed
     before this returns (before training goes on or stops); an overlapped one (``run.snapshot`` set by the
     trainer's ``_save_checkpoint``) is handed to the background writer, which seals it once written."""
+    if run.traces is not None:  # the traces up to this step survive a crash before the checkpoint can
+        run.traces.sync()
     step, started = trainer.state.global_step, run.save_started
     main = trainer.accelerator.is_main_process
     snapshot, run.snapshot = run.snapshot, None
@@ -94,7 +106,14 @@ def _seal_and_report(
     attempt's first save. ``write_s``: how long the background write took (None: the save was synchronous);
     ``known``: the checksums it took as it wrote."""
     started = time.time()
-    seal(sealing.folder, sealing.final, sealing.state, required=sealing.required, known=known)
+    step, run_dir = step_of(sealing.final), run.cfg.run_dir
+    with storage_errors(
+        f"Sealing checkpoint-{step}", sealing.folder, lambda: intact_after_failed_save(run_dir, step)
+    ):
+        # The run's own records first: a valid checkpoint never covers steps whose metrics a crash can lose.
+        metrics.sync(run_dir)
+        sync_log_files()
+        seal(sealing.folder, sealing.final, sealing.state, required=sealing.required, known=known)
     report = prune(
         run.cfg.run_dir, sealing.best_step, run.cfg.checkpoints.keep_best, verified=step_of(sealing.final)
     )

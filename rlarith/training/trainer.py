@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from rlarith.checkpoints import intact_after_failed_save, staging_dir
+from rlarith.durable import storage_errors
 from rlarith.training.async_save import Snapshot, capture
 from rlarith.training.context import RunContext
 from rlarith.training.logs import log
@@ -56,11 +58,18 @@ def make_trainer_class() -> type:
                     waited,
                     run.writer.folder.name,
                 )
-            if run.save_sync:
-                return super()._save_checkpoint(model, trial)
-            run.snapshot = Snapshot(run.buffers)
-            with capture(run.snapshot):
-                super()._save_checkpoint(model, trial)
+            step, run_dir = self.state.global_step, run.cfg.run_dir
+            # A full or read-only disk: one paragraph naming the file, not a serializer's raw error.
+            with storage_errors(
+                f"Writing checkpoint-{step}",
+                staging_dir(run_dir) / f"checkpoint-{step}",
+                lambda: intact_after_failed_save(run_dir, step),
+            ):
+                if run.save_sync:
+                    return super()._save_checkpoint(model, trial)
+                run.snapshot = Snapshot(run.buffers)
+                with capture(run.snapshot):
+                    super()._save_checkpoint(model, trial)
             return None
 
         def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
