@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import json
 import math
@@ -128,7 +129,7 @@ def run_jsonl(path: Path, data: list[dict[str, list]], fsync: bool) -> list[floa
 def run_traces(
     directory: Path, data: list[dict[str, list]], fsync: bool, cfg: TraceConfig
 ) -> tuple[list[float], float]:
-    w = traces.TraceWriter(directory, cfg=cfg, fsync_steps=fsync, **META)
+    w = traces.TraceWriter(directory, cfg=dataclasses.replace(cfg, fsync_steps=fsync), **META)
     times = []
     for step, cols in enumerate(data):
         t0 = time.perf_counter()

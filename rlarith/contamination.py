@@ -7,7 +7,9 @@ The fix the refusal names, ``rlarith data check --exclude-traces RUN``, rebuilds
 without what the traces show (``rlarith.data.heldout``'s ``exclude_keys``).
 
 Traces that cannot be read in full (a truncated shard, a damaged chunk or journal record) may have held
-a held-out problem, so they refuse the evaluation too (``TracesUnreadable``), naming the files.
+a held-out problem, so they refuse the evaluation too (``TracesUnreadable``), naming the files; so do
+traces that are missing: steps the run's metrics.jsonl has and its traces lack (purged or lost), and a
+trace folder that is gone altogether.
 """
 
 from __future__ import annotations
@@ -35,27 +37,35 @@ def stream_keys(cfg: RunConfig) -> set[str]:
 
 
 def traced_keys(run_dir: Path, cfg: RunConfig) -> tuple[set[str], list[tuple[Path, str]]]:
-    """Every problem key the run's traces recorded (all attempts and ranks), and the trace files that
-    could not be read in full, with the reason. Both the config's trace directory and ``<run>/traces``
-    (a moved run keeps its traces beside it) are read."""
+    """Every problem key the run's traces recorded (all attempts and ranks), and what could not be read:
+    trace files not readable in full, and steps metrics.jsonl has that no trace holds, each with the
+    reason. Both the config's trace directory and ``<run>/traces`` (a moved run keeps its traces beside
+    it) are read."""
     # Imported here: h5py and pandas are only needed when there are traces to read. No fallback on an
     # ImportError: a check that silently skipped the traces would pass contaminated sets.
     import warnings
 
-    from rlarith.traces import open as open_traces
-    from rlarith.traces import run_trace_dir
+    from rlarith.traces import Traces, missing_steps, missing_text, run_trace_dir
 
     keys: set[str] = set()
     skipped: list[tuple[Path, str]] = []
-    for trace_dir in dict.fromkeys([Path(run_dir) / "traces", run_trace_dir(run_dir, cfg)]):
+    traced: set[int] = set()
+    every = cfg.training.steps_per_generation * cfg.training.num_iterations
+    configured = run_trace_dir(run_dir, cfg)
+    for trace_dir in dict.fromkeys([Path(run_dir) / "traces", configured]):
         if not trace_dir.is_dir() or not any(trace_dir.iterdir()):
             continue
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the skipped files are returned, and the caller decides
-            tr = open_traces(trace_dir)
+            tr = Traces(trace_dir, run_dir, every)
             tr.verify()
             keys |= tr.seen_keys()
         skipped += tr.skipped
+        traced |= set(tr.steps(all_attempts=True)["step"].tolist())
+    if cfg.traces.enabled:
+        lacking = missing_steps(Path(run_dir), traced, every)
+        if lacking:
+            skipped.append((configured, missing_text(lacking, configured, Path(run_dir))))
     return keys, skipped
 
 
@@ -89,8 +99,8 @@ def unreadable_error(skipped: Sequence[tuple[Path, str]], run_dir: Path) -> Trac
     files = "; ".join(f"{path} ({reason})" for path, reason in skipped[:5])
     more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
     return TracesUnreadable(
-        f"{len(skipped)} trace file(s) of {str(Path(run_dir))!r} cannot be read in full: {files}{more}. "
+        f"the traces of {str(Path(run_dir))!r} are not complete ({len(skipped)} problem(s)): {files}{more}. "
         "The steps in them may have trained on held-out problems, so the contamination check cannot "
         "vouch for the held-out set. Restore the files from a copy if there is one (`rlarith traces "
-        "summary RUN` lists them), or pass --force to score anyway (the result records the files)."
+        "summary RUN` lists them), or pass --force to score anyway (the result records them)."
     )

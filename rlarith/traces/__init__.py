@@ -9,13 +9,16 @@ Layout (docs/traces.md is the reference, with a decode recipe needing only h5py+
       rank0000.<attempt>.steps00000000-00000499.c00000000.h5   sealed shard: one rank, one attempt, many steps
       pending/rank0000.<attempt>.00000500.journal              the steps since the last shard, append-only
       .staging/                                                shards being written; never read
+      run.json, .lock                                          the run directory it belongs to; its lock
 
 One file per concept: ``format`` (the on-disk layout), ``writer`` (``TraceWriter``, the trainer's side),
-``reader`` (``open`` and ``Traces``), ``report`` (summary, per-step table, export, plot).
+``owner`` (which run a trace folder belongs to), ``reader`` (``open`` and ``Traces``: views, summary, steps
+missing), ``report`` (the summary as text, export, plot; it imports the reader, never the reverse).
 """
 
-from rlarith.traces.format import FORMAT, KNOWN_KINDS, META_COLUMNS, VERSION, TraceError
-from rlarith.traces.reader import Traces, open, run_trace_dir
+from rlarith.traces.format import FORMAT, KNOWN_KINDS, META_COLUMNS, VERSION, TraceError, TraceStorageError
+from rlarith.traces.owner import TraceFolderTaken
+from rlarith.traces.reader import Traces, missing_steps, missing_text, open, run_trace_dir, trace_gaps
 from rlarith.traces.report import export, format_summary, plot
 from rlarith.traces.writer import TraceWriter
 
@@ -25,11 +28,16 @@ __all__ = [
     "META_COLUMNS",
     "VERSION",
     "TraceError",
+    "TraceFolderTaken",
+    "TraceStorageError",
     "TraceWriter",
     "Traces",
     "export",
     "format_summary",
+    "missing_steps",
+    "missing_text",
     "open",
     "plot",
     "run_trace_dir",
+    "trace_gaps",
 ]

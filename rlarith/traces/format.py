@@ -30,6 +30,8 @@ import h5py
 import numpy as np
 import zstandard
 
+from rlarith.durable import StorageError
+
 FORMAT = "rlarith-traces"
 VERSION = 1
 META_COLUMNS = ("step", "rank", "time", "attempt", "attempt_seq", "run_id")
@@ -58,6 +60,14 @@ RECORD = struct.Struct("<4sII")  # magic, payload length, crc32(payload)
 
 class TraceError(ValueError):
     """A user-facing problem with traces (none found, unknown column, newer schema); the message says which."""
+
+
+class TraceStorageError(StorageError):
+    """Writing traces failed on the storage (disk full, read-only, I/O error, a folder that cannot be made):
+    the message is one paragraph saying which file, what happened, what is intact and what to do; ``errno``
+    is the error's. ``rlarith`` prints it and exits 74, not 75 (rlarith.durable)."""
+
+    errno: int | None = None
 
 
 def _safe(attempt: str) -> str:

@@ -22,8 +22,8 @@ import numpy as np
 import pandas as pd
 import zstandard
 
-from rlarith.config import RunConfig, load_config
-from rlarith.traces import report
+from rlarith import metrics as metrics_file
+from rlarith.config import ConfigError, RunConfig, default_trace_dir, load_config
 from rlarith.traces.format import (
     FORMAT,
     META_COLUMNS,
@@ -36,6 +36,7 @@ from rlarith.traces.format import (
     merge,
     read_journal_checked,
 )
+from rlarith.traces.owner import read_owner
 
 
 @dataclass
@@ -312,8 +313,15 @@ class Traces:
     bad CRC) are skipped with a warning naming the file and the reason, whether found when the index is
     read or when rows are; ``skipped`` lists them and ``verify()`` reads everything to find them all."""
 
-    def __init__(self, directory: str | Path) -> None:
+    def __init__(
+        self, directory: str | Path, run_dir: str | Path | None = None, generate_every: int = 1
+    ) -> None:
+        """``run_dir``: the run the traces belong to, whose metrics.jsonl says which steps should be there
+        (``missing``); ``generate_every``: its steps per generation batch (steps_per_generation x
+        num_iterations: traces record the first step of each batch)."""
         self.directory = Path(directory)
+        self.run_dir = None if run_dir is None else Path(run_dir)
+        self.generate_every = generate_every
         self._load()
 
     def _load(self) -> None:
@@ -437,15 +445,69 @@ class Traces:
         out, _ = self._read_fresh((None, None, None, True), ["key"])
         return {k for k in out["key"] if k is not None}
 
+    def missing(self) -> list[tuple[int, int]]:
+        """Steps the run's metrics.jsonl has and these traces lack (purged, lost in a crash, or never
+        written), as ranges ``(first, last)``; [] without a run directory. A step counts as traced when the
+        traces hold the step that began its generation batch."""
+        if self.run_dir is None:
+            return []
+        return missing_steps(self.run_dir, set(self._index["step"].tolist()), self.generate_every)
+
     def summary(self) -> dict:
-        """Steps, samples, files, bytes on disk and the per-step table (``rlarith traces summary``)."""
-        return report.summary(self)
+        """Steps, samples, files, bytes on disk, resumes, damaged files skipped, steps missing, and reward
+        and accuracy by step (``rlarith traces summary``). Every file is read in full first (``verify``),
+        so damage anywhere shows in ``skipped``. The compression ratio against JSON lines is a
+        measurement, not a summary: benchmarks/traces_bench.py."""
+        self.verify()
+        default = self.steps()
+        every = self.steps(all_attempts=True)
+        size = sum(s.size for s in self.sources)
+        return {
+            "directory": str(self.directory),
+            "run_dir": None if self.run_dir is None else str(self.run_dir),
+            "steps": int(default["step"].nunique()),
+            "samples": int(default["count"].sum()),
+            "samples_all_attempts": int(every["count"].sum()),
+            "ranks": sorted({s.rank for s in self.sources}),
+            "attempts": list(dict.fromkeys(s.attempt for s in self.sources)),  # chronological
+            "resumes": self.resumes(),
+            "shards": sum(s.sealed for s in self.sources),
+            "journals": sum(not s.sealed for s in self.sources),
+            "bytes": size,
+            "bytes_per_sample": size / max(int(every["count"].sum()), 1),
+            "skipped": [(str(path), reason) for path, reason in self.skipped],
+            "missing": self.missing(),
+            "by_step": self.by_step(),
+        }
 
     def by_step(self) -> pd.DataFrame:
         """Per step of the default view: samples, the mean of each reward column, accuracy (mean of
         reward/exact, else parsed == truth), extraction failures (share of parsed None), mean completion
         length (tokens; UTF-8 bytes without completion_ids). Reads no text."""
-        return report.by_step(self)
+        cols = self.columns
+        want = [c for c in cols if c.startswith("reward")] + [c for c in ("parsed", "truth") if c in cols]
+        if cols.get("completion_ids") == "ids":
+            want.append("len(completion_ids)")
+        elif cols.get("completion") == "text":
+            want.append("len(completion)")
+        df = self.frame(columns=want)
+        out = pd.DataFrame({"step": df["step"]})
+        for c in want:
+            if c.startswith("reward"):
+                out[c] = df[c]
+        if "reward/exact" in df:
+            out["accuracy"] = df["reward/exact"]
+        elif "parsed" in df and "truth" in df:
+            out["accuracy"] = (df["parsed"] == df["truth"]).fillna(False).astype(float)
+        if "parsed" in df:
+            out["extraction_failure"] = df["parsed"].isna().astype(float)
+        for c in ("len(completion_ids)", "len(completion)"):
+            if c in df:
+                out["completion_len"] = df[c].astype(float)
+        g = out.groupby("step")
+        res = g.mean()
+        res.insert(0, "samples", g.size())
+        return res.reset_index()
 
     # -- internals ------------------------------------------------------------------------------------------
 
@@ -624,31 +686,101 @@ def _records(out: dict[str, Any], kinds: dict[str, str]) -> Iterator[dict]:
         yield dict(zip(names, row))
 
 
+def ranges(steps: list[int], every: int = 1) -> list[tuple[int, int]]:
+    """Ascending steps as ``(first, last)`` ranges; steps ``every`` apart (one per generation batch) join,
+    the last reaching to the end of its batch.
+
+    >>> ranges([1, 2, 3, 7, 9])
+    [(1, 3), (7, 7), (9, 9)]
+    """
+    out: list[tuple[int, int]] = []
+    for step in steps:
+        if out and step - out[-1][1] <= every:
+            out[-1] = (out[-1][0], step)
+        else:
+            out.append((step, step))
+    return out
+
+
+def missing_steps(run_dir: Path, traced: set[int], every: int = 1) -> list[tuple[int, int]]:
+    """The training steps ``run_dir``'s metrics.jsonl logged whose generation batch (``every`` steps, the
+    first one traced) is not among ``traced``, as ranges."""
+    logged = {r["step"] for r in metrics_file.read(run_dir) if "loss" in r and isinstance(r.get("step"), int)}
+    every = max(1, every)
+    return ranges(sorted(s for s in logged if s - (s - 1) % every not in traced), every)
+
+
+def trace_gaps(directory: Path, run_dir: Path, every: int = 1) -> str | None:
+    """``missing_text`` for the steps ``run_dir``'s metrics.jsonl has and the traces in ``directory`` lack,
+    or None: what the trainer says at a resume."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # damaged files are the reader's to report
+        spans = Traces(directory, run_dir, every).missing()
+    return missing_text(spans, Path(directory), Path(run_dir)) if spans else None
+
+
+def format_ranges(spans: list[tuple[int, int]]) -> str:
+    """``1-20, 31, 40-41``."""
+    return ", ".join(f"{a}-{b}" if b > a else f"{a}" for a, b in spans)
+
+
+def missing_text(spans: list[tuple[int, int]], directory: Path, run_dir: Path | None) -> str:
+    """The sentence every reader of a run's traces says when steps are missing."""
+    where = f" ({str(run_dir / metrics_file.METRICS)!r} has them)" if run_dir is not None else ""
+    return (
+        f"traces for steps {format_ranges(spans)} are missing from {str(directory)!r}: purged or lost{where}; "
+        "restore them from a copy if there is one (`rsync -a --delete COPY/ TRACE_DIR/`)"
+    )
+
+
 def run_trace_dir(run_dir: Path, cfg: RunConfig) -> Path:
-    """Where a run's traces are: ``cfg.trace_dir``, taken relative to ``run_dir`` when it is the default
-    ``<run dir>/traces`` (the run may have been moved or be read from elsewhere)."""
+    """Where a run's traces are: ``traces.dir``, else the default for this very run directory
+    (rlarith.config.default_trace_dir: ``<run dir>/traces``, or a folder on $SCRATCH named for it)."""
+    return Path(cfg.traces.dir) if cfg.traces.dir else default_trace_dir(Path(run_dir), cfg.name)
+
+
+def _run_config(run_dir: Path) -> RunConfig | None:
     try:
-        return Path(run_dir) / cfg.trace_dir.relative_to(cfg.run_dir)
-    except ValueError:  # traces.dir or $SCRATCH: an absolute place of its own
-        return cfg.trace_dir
+        return load_config(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else None
+    except ConfigError:
+        return None
 
 
-def _trace_dir(path: Path) -> Path:
-    """A trace directory from a trace or run directory (its config's ``RunConfig.trace_dir``, else
-    ``<run>/traces``)."""
+def _generate_every(cfg: RunConfig | None) -> int:
+    return 1 if cfg is None else cfg.training.steps_per_generation * cfg.training.num_iterations
+
+
+def _locate(path: Path) -> tuple[Path, Path | None, RunConfig | None]:
+    """The trace directory from a trace or run directory (its config's trace folder, else
+    ``<run>/traces``), the run directory it belongs to (None when unknown) and that run's config."""
     if (path / "pending").is_dir() or (path / ".staging").is_dir() or any(path.glob("*.h5")):
-        return path
-    if (path / "config.yaml").is_file():
-        configured = run_trace_dir(path, load_config(path / "config.yaml"))
+        recorded = Path(str(read_owner(path).get("run_dir", "")))
+        if recorded.name and (recorded / "config.yaml").is_file():
+            return path, recorded, _run_config(recorded)
+        return path, None, None
+    cfg = _run_config(path)
+    if cfg is not None:
+        configured = run_trace_dir(path, cfg)
         if configured.is_dir():
-            return configured
-    if (path / "traces").is_dir():  # a moved run keeps its traces beside it
-        return path / "traces"
+            return configured, path, cfg
+        if (path / "traces").is_dir():  # a moved run keeps its traces beside it
+            return path / "traces", path, cfg
+        lacking = missing_steps(path, set(), _generate_every(cfg))
+        raise TraceError(
+            f"no traces for the run {str(path)!r}: its trace folder {str(configured)!r} (traces.dir, or the "
+            f"default for this run directory) does not exist"
+            + (f"; {missing_text(lacking, configured, path)}" if lacking else "")
+            + "."
+        )
+    if (path / "traces").is_dir():
+        return path / "traces", path, None
     if path.is_dir() and path.name == "traces":
-        return path
+        return path, None, None
     raise TraceError(f"no traces in {path}: expected a trace directory or a run directory with traces/")
 
 
 def open(path: str | Path) -> Traces:  # noqa: A001  (the module's reader, used as ``traces.open``)
-    """The traces of a run: ``path`` is a trace directory or a run directory."""
-    return Traces(_trace_dir(Path(path)))
+    """The traces of a run: ``path`` is a trace directory or a run directory. A run directory's traces
+    know which steps its metrics.jsonl says they should hold (``Traces.missing``)."""
+    directory, run_dir, cfg = _locate(Path(path))
+    return Traces(directory, run_dir, _generate_every(cfg))

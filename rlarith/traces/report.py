@@ -1,75 +1,18 @@
-"""What people look at: the summary (``rlarith traces summary``), the per-step table, exports, the plot."""
+"""What people look at: the summary as text (``rlarith traces summary``), exports, the plot. The numbers
+come from rlarith.traces.reader's ``Traces`` (``summary``, ``by_step``); nothing there imports this."""
 
 from __future__ import annotations
 
 import builtins
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from rlarith.durable import atomic_path
 from rlarith.traces.format import TraceError
-
-if TYPE_CHECKING:
-    from rlarith.traces.reader import Traces
-
-
-def summary(tr: Traces) -> dict:
-    """Steps, samples, files, bytes on disk, resumes, damaged files skipped, and reward and accuracy by step.
-    Every file is read in full first (``Traces.verify``), so damage anywhere shows in ``skipped``. The
-    compression ratio against JSON lines is a measurement, not a summary: benchmarks/traces_bench.py."""
-    tr.verify()
-    default = tr.steps()
-    every = tr.steps(all_attempts=True)
-    size = sum(s.size for s in tr.sources)
-    return {
-        "directory": str(tr.directory),
-        "steps": int(default["step"].nunique()),
-        "samples": int(default["count"].sum()),
-        "samples_all_attempts": int(every["count"].sum()),
-        "ranks": sorted({s.rank for s in tr.sources}),
-        "attempts": list(dict.fromkeys(s.attempt for s in tr.sources)),  # chronological
-        "resumes": tr.resumes(),
-        "shards": sum(s.sealed for s in tr.sources),
-        "journals": sum(not s.sealed for s in tr.sources),
-        "bytes": size,
-        "bytes_per_sample": size / max(int(every["count"].sum()), 1),
-        "skipped": [(str(path), reason) for path, reason in tr.skipped],
-        "by_step": tr.by_step(),
-    }
-
-
-def by_step(tr: Traces) -> pd.DataFrame:
-    """Per step of the default view: samples, the mean of each reward column, accuracy (mean of
-    reward/exact, else parsed == truth), extraction failures (share of parsed None), mean completion
-    length (tokens; UTF-8 bytes without completion_ids). Reads no text."""
-    cols = tr.columns
-    want = [c for c in cols if c.startswith("reward")] + [c for c in ("parsed", "truth") if c in cols]
-    if cols.get("completion_ids") == "ids":
-        want.append("len(completion_ids)")
-    elif cols.get("completion") == "text":
-        want.append("len(completion)")
-    df = tr.frame(columns=want)
-    out = pd.DataFrame({"step": df["step"]})
-    for c in want:
-        if c.startswith("reward"):
-            out[c] = df[c]
-    if "reward/exact" in df:
-        out["accuracy"] = df["reward/exact"]
-    elif "parsed" in df and "truth" in df:
-        out["accuracy"] = (df["parsed"] == df["truth"]).fillna(False).astype(float)
-    if "parsed" in df:
-        out["extraction_failure"] = df["parsed"].isna().astype(float)
-    for c in ("len(completion_ids)", "len(completion)"):
-        if c in df:
-            out["completion_len"] = df[c].astype(float)
-    g = out.groupby("step")
-    res = g.mean()
-    res.insert(0, "samples", g.size())
-    return res.reset_index()
+from rlarith.traces.reader import Traces, missing_text
 
 
 def export(tr: Traces, out: str | Path, fmt: str, all_attempts: bool = False) -> Path:
@@ -164,6 +107,9 @@ def format_summary(s: dict, rows: int = 40) -> str:
     ]
     for path, reason in s["skipped"]:
         lines.append(f"SKIPPED {path}: {reason}")
+    if s.get("missing"):
+        run_dir = Path(s["run_dir"]) if s.get("run_dir") else None
+        lines.append(f"MISSING {missing_text(s['missing'], Path(s['directory']), run_dir)}")
     table = s["by_step"]
     if len(table):
         if rows and len(table) > rows:
