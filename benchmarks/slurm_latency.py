@@ -53,7 +53,8 @@ def one(model: Path, root: Path, name: str) -> dict[str, float]:
     while not (metrics.is_file() and metrics.read_text().count('"loss"') >= 3):
         time.sleep(0.05)
     preempted_at = time.time()
-    subprocess.run(["sbatch", "-p", "high", "-c", str(os.cpu_count()), "--mem=1G", "-o", "/dev/null",
+    nodes = os.environ.get("RLARITH_SLURM_NODES", "n1").split(",")  # a high job on every node preempts
+    subprocess.run(["sbatch", "-p", "high", "-N", str(len(nodes)), "--exclusive", "--mem=1G", "-o", "/dev/null",
                     "--wrap", "sleep 1"], check=True, capture_output=True)  # fmt: skip
     assert waiter.wait(timeout=600) == 0, "the job did not finish"
     first, second = attempts.merged(run_dir)[:2]

@@ -1,4 +1,4 @@
-"""A real one-node SLURM for the tests: the session fixture ``slurm_cluster`` (registered in conftest.py).
+"""A real two-node SLURM for the tests: the session fixture ``slurm_cluster`` (registered in conftest.py).
 
 The fixture starts the cluster with ``slurm/testcluster.sh start`` (which installs the Debian packages on a
 machine that lacks them, as root) and leaves it running after the session, so the next start is a no-op.
@@ -6,10 +6,27 @@ One test session at a time holds it (an flock; a second session waits). Where it
 no apt-get, a daemon that does not come up) the tests that need it skip with the script's reason, except
 under ``CI=true``, where that is a failure: CI starts the cluster itself (.ci/run), and a skip there would
 hide a broken cluster.
+
+The cluster: nodes ``n1`` and ``n2`` (``SlurmCluster.nodes``), each a network namespace with its own address
+(10.77.0.11, .12), hostname and slurmd, 2 CPUs (this machine's, shared) and a GRES ``gpu:4`` of device files
+(SLURM sets ``CUDA_VISIBLE_DEVICES`` per allocation); ``proctrack/cgroup``, ``task/cgroup,task/affinity``,
+``KillWait=30``, ``SlurmdTimeout=30``; partitions ``low`` (preempted with ``PreemptMode=REQUEUE``),
+``lowcancel`` (``PreemptMode=CANCEL``), both ``GraceTime=15``, and ``high``, which preempts them; QOS ``grace``.
+A job with ``--signal`` gets that signal at preemption, one without gets SIGTERM. The clients (sbatch,
+sacct, scontrol, srun...) are on PATH through ``env`` (wrappers that enter the head's namespace). Helpers
+for multi-node tests: ``node_run(node, cmd, **kw)`` runs a command "on" a node (its network and hostname;
+``subprocess.run`` keywords; ``node_command`` gives the argv for a Popen); ``kill_node(node)`` is a power
+loss (the node's link goes down first, then SIGKILL to its slurmd and every process on it, job tasks
+included); ``link_down(node)``/``link_up(node)`` take its link away and back (peers see silence, no reset);
+``revive_node(node)`` brings it back (link up, slurmd restarted, node resumed) and waits until SLURM can use
+it. ``preempt(job)`` submits a ``high`` job that takes every node ``job`` runs on; ``job_nodes(job)`` names
+them. A test that kills a node or takes its link down must revive it (in a ``finally``); the next session's
+start heals what one left behind.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import os
 import subprocess
@@ -18,7 +35,7 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import pytest
 
@@ -40,7 +57,8 @@ class SlurmCluster:
 
     conf: Path  # slurm.conf; SLURM_CONF for every client, submitit and the jobs
     env: dict[str, str]  # merge into a subprocess's environment: {**os.environ, **cluster.env}
-    cpus: int  # CPUs of the one node
+    cpus: int  # CPUs of each node
+    nodes: list[str] = dataclasses.field(default_factory=list)  # node names: n1, n2
 
     def run(self, cmd: list[str], check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
         """Run a command with the cluster's environment, capturing text output; raise on failure if ``check``."""
@@ -93,18 +111,69 @@ class SlurmCluster:
                 )
             time.sleep(0.25)
 
-    def preempt(self, job_id: str, hold_s: float = 1) -> str:
-        """Submit a job to ``high`` that needs the whole node, so it preempts ``job_id`` running in ``low``.
+    def job_nodes(self, job_id: str) -> list[str]:
+        """The nodes a running job holds (``scontrol show hostnames`` of its node list)."""
+        nodelist = self.run(["squeue", "-h", "-j", job_id, "-o", "%N"]).stdout.strip()
+        if not nodelist:
+            return []
+        return self.run(["scontrol", "show", "hostnames", nodelist]).stdout.split()
+
+    def preempt(self, job_id: str, hold_s: float = 1, partition: str = "high") -> str:
+        """Submit a job to ``high`` that needs every node ``job_id`` runs on, so it preempts ``job_id``
+        (running in ``low`` or ``lowcancel``).
 
         Waits (up to a minute) until accounting shows the victim RUNNING, as there is nothing to preempt
         before. The blocker sleeps ``hold_s`` once it runs (after the victim's GraceTime). Returns its id.
         """
         self.wait_state(job_id, {"RUNNING"}, timeout=60)
-        return self.sbatch(["-p", "high", "-N", "1", "--exclusive", "-J", "rlarith-preempt", "-o", "/dev/null",
-                            "--wrap", f"sleep {hold_s}"])  # fmt: skip
+        nodes = self.job_nodes(job_id) or self.nodes
+        return self.sbatch(["-p", partition, "-N", str(len(nodes)), "-w", ",".join(nodes), "--exclusive",
+                            "-J", "rlarith-preempt", "-o", "/dev/null", "--wrap", f"sleep {hold_s}"])  # fmt: skip
 
-    def cancel_all(self, timeout: float = 60) -> None:
-        """Cancel every job, pending or running, and wait until the queue is empty (KillWait is 10 s)."""
+    # ---------------------------------------------------------------------- nodes: run on, kill, revive
+
+    def node_command(self, node: str, cmd: list[str]) -> list[str]:
+        """The argv that runs ``cmd`` on ``node`` (its network namespace and hostname), for a Popen."""
+        return ["bash", str(SCRIPT), "exec", node, *cmd]
+
+    def node_run(self, node: str, cmd: list[str], **kw: Any) -> subprocess.CompletedProcess:
+        """``subprocess.run(cmd)`` on ``node``, with the cluster's environment; captures text output and
+        raises on failure unless told otherwise (``check=False``, ``capture_output=False``...)."""
+        kw.setdefault("check", True)
+        kw.setdefault("capture_output", "stdout" not in kw and "stderr" not in kw)
+        kw.setdefault("text", True)
+        kw.setdefault("timeout", 60)
+        kw["env"] = {**os.environ, **self.env, **kw.get("env", {})}
+        return subprocess.run(self.node_command(node, cmd), **kw)
+
+    def _script(self, *args: str, timeout: float = 120) -> str:
+        proc = _script(*args, timeout=timeout)
+        if proc.returncode != 0:
+            raise SlurmCommandError(
+                f"testcluster.sh {' '.join(args)} exited {proc.returncode}: {proc.stderr.strip()}"
+            )
+        return proc.stdout
+
+    def kill_node(self, node: str) -> None:
+        """A power loss: the node's link goes down (no FIN or RST reaches the others), then its slurmd and
+        every process on it (slurmstepd, job tasks) get SIGKILL. SLURM notices after SlurmdTimeout (30 s)."""
+        self._script("kill-node", node)
+
+    def link_down(self, node: str) -> None:
+        """Take the node's link down: its peers' packets vanish without a reset; its processes live on."""
+        self._script("link-down", node)
+
+    def link_up(self, node: str) -> None:
+        """Bring the node's link back."""
+        self._script("link-up", node)
+
+    def revive_node(self, node: str) -> None:
+        """Bring a killed node back: link up, slurmd started again, node resumed; returns once SLURM can
+        use it (idle, mixed or allocated)."""
+        self._script("revive", node)
+
+    def cancel_all(self, timeout: float = 90) -> None:
+        """Cancel every job, pending or running, and wait until the queue is empty (KillWait is 30 s)."""
         deadline = time.monotonic() + timeout
         while jobs := self.run(["squeue", "-h", "-o", "%i"]).stdout.split():
             self.run(["scancel", *jobs], check=False)
@@ -138,15 +207,16 @@ def start_cluster() -> SlurmCluster:
             f"{SCRIPT} start failed (exit {proc.returncode}):\n{proc.stderr.strip() or proc.stdout}"
         )
     env = cluster_env()
-    cluster = SlurmCluster(conf=Path(env["SLURM_CONF"]), env=env, cpus=0)
+    nodes = env["RLARITH_SLURM_NODES"].split(",")
+    cluster = SlurmCluster(conf=Path(env["SLURM_CONF"]), env=env, cpus=0, nodes=nodes)
     cpus = int(cluster.run(["sinfo", "-h", "-p", "low", "-o", "%c"]).stdout.split()[0])
-    return SlurmCluster(conf=cluster.conf, env=env, cpus=cpus)
+    return SlurmCluster(conf=cluster.conf, env=env, cpus=cpus, nodes=nodes)
 
 
 def hold_cluster(folder: Path) -> IO[str] | None:
     """Take the cluster in ``folder`` for this process: a second test session waits until the first ends.
 
-    One node serves every session on the machine, and tests preempt, cancel and fill it; two sessions at
+    One cluster serves every session on the machine, and tests preempt, cancel and fill it; two sessions at
     once would break each other's jobs (and a start that finds a changed config restarts the daemons).
     The lock is an flock, so a killed session frees it. None where the folder cannot hold a lock file
     (another user's cluster not started yet): then the start that follows says why.
@@ -176,7 +246,8 @@ def hold_cluster(folder: Path) -> IO[str] | None:
 
 @pytest.fixture(scope="session")
 def slurm_cluster() -> Iterator[SlurmCluster]:
-    """The one-node test cluster, this session's alone, its queue empty; SLURM_CONF exported for submitit."""
+    """The two-node test cluster, this session's alone, its queue empty; SLURM_CONF and the clients' PATH
+    exported for submitit."""
     lock = hold_cluster(Path(cluster_env()["RLARITH_SLURM_DIR"]))
     try:
         try:

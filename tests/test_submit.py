@@ -87,9 +87,11 @@ def logged_step(run_dir: Path) -> int:
 
 
 def preempt(env: dict[str, str], seconds: int = 4) -> str:
-    """A job in the high partition that needs the whole node: SLURM preempts whatever runs in ``low``."""
+    """A job in the high partition that needs every node: SLURM preempts whatever runs in ``low``."""
+    nodes = env["RLARITH_SLURM_NODES"].split(",")
     out = subprocess.run(
-        ["sbatch", "-p", "high", "-c", str(os.cpu_count()), "--mem=1G", "-o", "/dev/null", "--wrap", f"sleep {seconds}"],
+        ["sbatch", "-p", "high", "-N", str(len(nodes)), "--exclusive", "--mem=1G", "-o", "/dev/null",
+         "--wrap", f"sleep {seconds}"],
         capture_output=True, text=True, env={**os.environ, **env}, check=True,
     ).stdout  # fmt: skip
     return out.split()[-1]
