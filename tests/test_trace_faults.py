@@ -274,3 +274,35 @@ def test_a_trace_folder_gone_altogether_is_named(tmp_path, capsys):
     assert f"its trace folder {str(run_dir / 'traces')!r}" in err and "steps 1-20 are missing" in err
     with pytest.raises(TracesUnreadable, match="steps 1-20 are missing"):
         trained_keys(run_dir, load_config(run_dir / "config.yaml"))
+
+
+# ---- the trainer -----------------------------------------------------------------------------------------
+
+
+def test_a_node_crash_after_a_checkpoint_keeps_the_traces_up_to_it(sft_model, ext4_image, tmp_path):
+    """A real training run on an ext4 image: SIGKILL once checkpoint-2 is sealed, then the filesystem
+    crashes (what was not fsynced is lost). The traces of steps 1-2 are there, because the trainer syncs
+    them before it seals a checkpoint; before, the journal came back at 0 bytes and the resume started past
+    traces that were gone."""
+    from test_train import small
+
+    from conftest import start, wait_for
+
+    disk = ext4_image("256M")
+    run_dir, log = disk.path / "crash", tmp_path / "log"
+    proc = start(["train", *small(sft_model, disk.path, "crash", "training.max_steps=6")], log)
+    try:
+        wait_for(
+            lambda: (
+                (run_dir / "checkpoints" / "checkpoint-2" / "COMPLETE").exists() or proc.poll() is not None
+            )
+        )
+    finally:
+        proc.kill()
+        proc.wait()
+    assert (run_dir / "checkpoints" / "checkpoint-2" / "COMPLETE").exists(), log.read_text()[-3000:]
+    disk.crash()
+    disk.remount()
+    tr = traces.open(run_dir)
+    assert {1, 2} <= set(tr.steps()["step"].tolist()), sorted((run_dir / "traces").rglob("*"))
+    assert tr.missing() == [] or tr.missing()[0][0] > 2
