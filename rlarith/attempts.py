@@ -36,7 +36,7 @@ ENDINGS = {
     "stopped": "stopped on a signal after saving; resumable (run the same command again)",
     "requeued": "requeued from outside (scontrol requeue or a signal); saved first",
     "requeue-failed": "stopped and saved, but scontrol requeue failed: submit again to resume",
-    "failed": "a rank failed; not requeued",
+    "failed": "failed; not requeued",
     "failed-requeued": "a rank failed after progress; requeued from the latest checkpoint",
     "lost": "ended without a word (node failure or SIGKILL); SLURM restarted the job",
 }

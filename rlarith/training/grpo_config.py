@@ -97,3 +97,16 @@ def grpo_config(cfg: RunConfig, per_device: int, deepspeed: str | None, weights:
         dataloader_num_workers=0,
         ddp_timeout=t.collective_timeout_s,  # a vanished peer fails the job in minutes, not 30
     )
+
+
+def start_process_group(timeout_s: int) -> None:
+    """On CPU, start the gloo process group with ``training.collective_timeout_s`` before accelerate does:
+    transformers hands ``ddp_timeout`` to accelerate on GPU only, so on CPU a rank whose peer vanished
+    would wait torch's default 30 minutes in its collective. On GPU ``ddp_timeout`` does it."""
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+
+    if not torch.cuda.is_available() and not dist.is_initialized():
+        dist.init_process_group("gloo", timeout=timedelta(seconds=timeout_s))

@@ -55,7 +55,13 @@ from rlarith.runlock import RunLock
 from rlarith.training.async_save import BackgroundWriter, HostBuffers
 from rlarith.training.callbacks import forced_learning_rate, make_callbacks
 from rlarith.training.context import RunContext
-from rlarith.training.grpo_config import build_dataset, deepspeed_config, grpo_config, reward_functions
+from rlarith.training.grpo_config import (
+    build_dataset,
+    deepspeed_config,
+    grpo_config,
+    reward_functions,
+    start_process_group,
+)
 from rlarith.training.identity import Attempt, global_rank, iso_time
 from rlarith.training.logs import StepFilter, log, log_to_file, setup_logging
 from rlarith.training.preflight import (
@@ -121,6 +127,8 @@ def _train(cfg: RunConfig, force: bool, stop: StopRequest, step_filter: StepFilt
         )
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     per_device = check_batch(cfg, world_size)
+    if world_size > 1:  # a peer that vanishes fails a collective in collective_timeout_s, not 30 min
+        start_process_group(cfg.training.collective_timeout_s)
     if stop.requested and world_size == 1:  # several ranks agree at a step boundary instead
         return _stopped_before_training(stop)
     attempt = Attempt.current()  # rank 0's is every rank's (broadcast below)
