@@ -16,7 +16,9 @@ from pathlib import Path
 import pytest
 from fsfaults import fill, unfill
 from test_traces import TEXTS, samples, untimed
+from test_train import small
 
+from conftest import cli, start, wait_for
 from rlarith import traces
 from rlarith.cli import main
 from rlarith.config import TraceConfig, load_config, save_config
@@ -229,6 +231,25 @@ def test_a_trace_folder_belongs_to_one_run_directory(tmp_path):
     assert json.loads((copy / "traces" / "run.json").read_text())["run_dir"] == str(copy.resolve())
 
 
+def test_train_refuses_a_run_directory_whose_trace_folder_belongs_to_another_before_loading(tmp_path):
+    """A copied run directory resumed elsewhere with the same traces.dir used to write its steps into the
+    original's traces; now the trainer refuses in its preflight, before any model is loaded."""
+    model = tmp_path / "model"  # never loaded: a config.json is all the preflight looks at
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    shared, original = tmp_path / "scratch" / "traces", tmp_path / "runs" / "x"
+    original.mkdir(parents=True)
+    writer_for(shared, original).close()
+    args = ["train", "name=x", f"runs_dir={tmp_path / 'copy'}", f"model.path={model}", f"traces.dir={shared}"]
+    r = cli(args)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert (
+        f"belongs to the run directory {str(original.resolve())!r}" in r.stderr
+        and "rsync -a --delete" in r.stderr
+    )
+    assert "Loading" not in r.stderr and not (tmp_path / "copy" / "x" / "logs").exists()
+
+
 # ---- gaps are said --------------------------------------------------------------------------------------
 
 
@@ -284,10 +305,6 @@ def test_a_node_crash_after_a_checkpoint_keeps_the_traces_up_to_it(sft_model, ex
     crashes (what was not fsynced is lost). The traces of steps 1-2 are there, because the trainer syncs
     them before it seals a checkpoint; before, the journal came back at 0 bytes and the resume started past
     traces that were gone."""
-    from test_train import small
-
-    from conftest import start, wait_for
-
     disk = ext4_image("256M")
     run_dir, log = disk.path / "crash", tmp_path / "log"
     proc = start(["train", *small(sft_model, disk.path, "crash", "training.max_steps=6")], log)
