@@ -17,6 +17,7 @@ SCRIPTS = [
     "traces_bench.py",
     "gpu_overhead.py",
     "writer_gil.py",
+    "trace_fsync.py",
 ]
 
 
