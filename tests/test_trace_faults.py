@@ -304,7 +304,8 @@ def test_a_node_crash_after_a_checkpoint_keeps_the_traces_up_to_it(sft_model, ex
     """A real training run on an ext4 image: SIGKILL once checkpoint-2 is sealed, then the filesystem
     crashes (what was not fsynced is lost). The traces of steps 1-2 are there, because the trainer syncs
     them before it seals a checkpoint; before, the journal came back at 0 bytes and the resume started past
-    traces that were gone."""
+    traces that were gone. Then a purge of the traces between attempts: the resume names the lost steps
+    (before: exit 0 and no word)."""
     disk = ext4_image("256M")
     run_dir, log = disk.path / "crash", tmp_path / "log"
     proc = start(["train", *small(sft_model, disk.path, "crash", "training.max_steps=6")], log)
@@ -323,3 +324,13 @@ def test_a_node_crash_after_a_checkpoint_keeps_the_traces_up_to_it(sft_model, ex
     tr = traces.open(run_dir)
     assert {1, 2} <= set(tr.steps()["step"].tolist()), sorted((run_dir / "traces").rglob("*"))
     assert tr.missing() == [] or tr.missing()[0][0] > 2
+    # Then scratch is purged between attempts: the resume says which steps the traces lack, and trains on.
+    shutil.rmtree(run_dir / "traces")
+    log.write_text("")
+    proc = start(["train", *small(sft_model, disk.path, "crash", "training.max_steps=4")], log)
+    assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
+    assert (
+        f"traces for steps 1-2 are missing from {str(run_dir / 'traces')!r}: purged or lost"
+        in log.read_text()
+    )
+    assert traces.open(run_dir).steps()["step"].tolist() == [3, 4]
