@@ -78,7 +78,8 @@ def problem(directory: Path, run_id: str, run_dir: Path) -> tuple[str | None, bo
     directory, run_dir = Path(directory), Path(run_dir).resolve()
     owner = read_owner(directory)
     if not owner:
-        found = _found_run_id(directory) if directory.is_dir() else None
+        inside = directory.resolve().is_relative_to(run_dir)  # its own traces/: its earlier config's, say
+        found = _found_run_id(directory) if directory.is_dir() and not inside else None
         if found is not None and found != run_id:
             return (
                 f"the trace folder {str(directory)!r} holds the traces of run {found}, not of this run "
