@@ -279,6 +279,7 @@ def test_steps_metrics_has_and_traces_lack_are_named_everywhere(tmp_path, capsys
     assert main(["traces", "summary", str(run_dir)]) == 1
     out = capsys.readouterr().out
     assert f"MISSING {sentence}" in out and "metrics.jsonl" in out
+    assert f"run: {run_dir.resolve()} (run id run-1; the folder's run.json)" in out
     assert main(["traces", "export", str(run_dir), "--format", "jsonl"]) == 1
     assert sentence in capsys.readouterr().out
     assert traces.trace_gaps(run_dir / "traces", run_dir).startswith(sentence)  # what a resume logs

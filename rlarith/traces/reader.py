@@ -465,6 +465,7 @@ class Traces:
         return {
             "directory": str(self.directory),
             "run_dir": None if self.run_dir is None else str(self.run_dir),
+            "owner": read_owner(self.directory),  # run.json: the run directory the folder belongs to
             "steps": int(default["step"].nunique()),
             "samples": int(default["count"].sum()),
             "samples_all_attempts": int(every["count"].sum()),

@@ -105,6 +105,18 @@ def format_summary(s: dict, rows: int = 40) -> str:
         f"files: {s['shards']:,} shards, {s['journals']:,} journals  bytes on disk: {s['bytes']:,} "
         f"({s['bytes_per_sample']:.1f} per sample)",
     ]
+    owner = s.get("owner") or {}
+    if owner:
+        lines.insert(1, f"run: {owner.get('run_dir')} (run id {owner.get('run_id')}; the folder's run.json)")
+    if (
+        owner
+        and s.get("run_dir")
+        and Path(str(owner.get("run_dir"))).resolve() != Path(s["run_dir"]).resolve()
+    ):
+        lines.append(
+            f"NOTE this trace folder belongs to the run directory {owner.get('run_dir')}, not to {s['run_dir']} "
+            "(a copy or a move of it): the steps above are the owner's"
+        )
     for path, reason in s["skipped"]:
         lines.append(f"SKIPPED {path}: {reason}")
     if s.get("missing"):
