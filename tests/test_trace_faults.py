@@ -116,7 +116,7 @@ def test_a_trace_disk_flipped_read_only_mid_run_says_so_and_keeps_what_was_writt
     text = str(err.value)
     assert "Read-only file system" in text and "EROFS" in text and str(d / "pending") in text
     assert "rank0000.a.00000004.journal" in text  # what is intact, by name
-    assert "steps 5-6 were fsynced" in text and "steps 7 were written but not yet fsynced" in text
+    assert "steps 5-6: fsynced" in text and "step 7: written, not yet fsynced" in text
     w.close()  # after a storage error: lets go, raises nothing more (no chained traceback)
     disk.remount()
     assert traces.open(d).steps()["step"].tolist()[:6] == list(range(1, 7))
@@ -229,6 +229,23 @@ def test_a_trace_folder_belongs_to_one_run_directory(tmp_path):
     shutil.copytree(moved, copy)
     writer_for(copy / "traces", copy).close()
     assert json.loads((copy / "traces" / "run.json").read_text())["run_dir"] == str(copy.resolve())
+
+
+def test_a_trace_folder_flipped_read_only_under_training_ends_in_one_paragraph(
+    sft_model, ext4_image, tmp_path
+):
+    """Before: a chained traceback. Now: rlarith's storage error paragraph and exit 74 (not 75: no requeue
+    into the same disk); the run directory, elsewhere, is untouched."""
+    disk, log = ext4_image("64M"), tmp_path / "log"
+    args = small(sft_model, tmp_path, "ro", f"traces.dir={disk.path / 'traces'}", "training.max_steps=8")
+    proc = start(["train", *args], log)
+    wait_for(lambda: any((disk.path / "traces" / "pending").glob("*.journal")) or proc.poll() is not None)
+    disk.flip_read_only()
+    assert proc.wait(timeout=300) == 74, log.read_text()[-3000:]
+    text = log.read_text()
+    said = [line for line in text.splitlines() if line.startswith("rlarith: storage error: ")]
+    assert len(said) == 1 and "Traceback" not in text, text[-3000:]
+    assert "trace journal failed" in said[0] and "read-only" in said[0] and "Intact:" in said[0]
 
 
 def test_train_refuses_a_run_directory_whose_trace_folder_belongs_to_another_before_loading(tmp_path):

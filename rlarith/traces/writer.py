@@ -222,14 +222,14 @@ class TraceWriter:
 
         def span(blocks: list[Block]) -> str:
             steps = [int(s) for b in blocks for s in b.step]
-            return f"{steps[0]}-{steps[-1]}" if len(steps) > 1 else f"{steps[0]}" if steps else ""
+            return f"steps {steps[0]}-{steps[-1]}" if len(steps) > 1 else f"step {steps[0]}" if steps else ""
 
         synced, unsynced = span(self._pending[: self._synced]), span(self._pending[self._synced :])
         journal = f"pending/{self._journals[-1].name}" if self._journals else "no journal"
-        held = f"; its steps {synced} were fsynced (at a checkpoint) and are safe" if synced else ""
+        held = f"; {synced}: fsynced (at a checkpoint), safe" if synced else ""
         if unsynced:
             held += (
-                f"; steps {unsynced} were written but not yet fsynced: a full disk keeps them, a failed "
+                f"; {unsynced}: written, not yet fsynced, so a full disk keeps them and a failed "
                 "filesystem may have lost them (the next start names any step that is missing)"
             )
         return (
