@@ -349,6 +349,10 @@ def test_sealed_but_not_yet_deleted_and_torn_records(tmp_path):
     (j2,) = other.glob("pending/*.journal")
     j2.write_bytes(j2.read_bytes()[:-7])
     assert traces.open(other).frame()["step"].unique().tolist() == [0, 1]
+    # ... or ending in zeros (a crash made the size durable, not the last data): not damage either.
+    j2.write_bytes(j2.read_bytes() + b"\0" * 5000)
+    tr = traces.open(other)
+    assert tr.frame()["step"].unique().tolist() == [0, 1] and tr.skipped == []
     # The next start of rank 0: deletes the covered journal and the debris, adds no duplicate shard.
     writer(tmp_path, attempt="3.0", seq=3).close()
     assert list(tmp_path.glob("pending/*")) == [] and list(tmp_path.glob(".staging/*")) == []

@@ -171,8 +171,10 @@ def read_journal(path: Path) -> list[Block]:
 
 def read_journal_checked(path: Path) -> tuple[list[Block], str | None]:
     """The journal's complete records, in order, and None or the damage that ended them. A record cut
-    short by the end of the file is the one a kill interrupted: normal, nothing after it was written. A
-    record with the wrong magic or CRC is damage: the bytes from there on cannot be trusted."""
+    short by the end of the file is the one a kill interrupted: normal, nothing after it was written; so
+    is a tail of zero bytes, what a crashed filesystem leaves where the file's size was made durable and
+    its last data was not. A record with the wrong magic or CRC is damage: the bytes from there on cannot
+    be trusted."""
     data = path.read_bytes()
     blocks, pos = [], 0
     while pos + RECORD.size <= len(data):
@@ -181,6 +183,11 @@ def read_journal_checked(path: Path) -> tuple[list[Block], str | None]:
         if magic == MAGIC and len(payload) < n:
             break  # torn by a kill
         if magic != MAGIC or zlib.crc32(payload) != crc:
+            # Zeros from this record's header (or, with a whole header, from inside its payload) to the end
+            # of the file were never written: a crash made the file's size durable and not its last data.
+            unwritten = len(data.rstrip(b"\0")) <= (pos if magic != MAGIC else pos + RECORD.size + n - 1)
+            if unwritten:
+                break
             what = "magic" if magic != MAGIC else "CRC-32"
             return (
                 blocks,
