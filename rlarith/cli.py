@@ -278,7 +278,10 @@ def cmd_traces(args: argparse.Namespace) -> int:
         )
     missing = tr.missing()  # steps metrics.jsonl has and the traces lack: said, never silent
     if missing:
-        print(f"rlarith: warning: {traces.missing_text(missing, tr.directory, tr.run_dir)} (exit status 1).")
+        print(
+            f"rlarith: warning: {traces.missing_text(missing, tr.directory, tr.run_dir)} (exit status 1).",
+            file=sys.stderr,
+        )
     return 1 if tr.skipped or missing else 0
 
 

@@ -298,7 +298,7 @@ def test_steps_metrics_has_and_traces_lack_are_named_everywhere(tmp_path, capsys
     assert f"MISSING {sentence}" in out and "metrics.jsonl" in out
     assert f"run: {run_dir.resolve()} (run id run-1; the folder's run.json)" in out
     assert main(["traces", "export", str(run_dir), "--format", "jsonl"]) == 1
-    assert sentence in capsys.readouterr().out
+    assert sentence in capsys.readouterr().err
     assert traces.trace_gaps(run_dir / "traces", run_dir).startswith(sentence)  # what a resume logs
     cfg = load_config(run_dir / "config.yaml")
     with pytest.raises(TracesUnreadable, match="steps 1-30 are missing"):  # as unreadable traces are
