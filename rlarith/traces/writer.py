@@ -292,6 +292,8 @@ class TraceWriter:
             path = self._journal_name()
             self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
             self._journals.append(path)
+            if self.fsync_steps:  # the new journal's name must survive a crash too, not only its records
+                self._sync_dirs()
         size = os.fstat(self._fd).st_size
         try:
             view = memoryview(data)
@@ -311,12 +313,16 @@ class TraceWriter:
         self._purged()
         if self._fd is not None:
             os.fsync(self._fd)
+        self._sync_dirs()
+        self._synced = len(self._pending)
+
+    def _sync_dirs(self) -> None:
+        """fsync the journals' folder (their names), and once the folders above (a new trace folder)."""
         fsync_path(self.directory / "pending")
-        if not self._dirs_synced:  # the folders' own names, once: a new trace folder is durable too
+        if not self._dirs_synced:
             fsync_path(self.directory)
             fsync_path(self.directory.parent)
             self._dirs_synced = True
-        self._synced = len(self._pending)
 
     def _new_block(self, step: int | None, samples: dict[str, list]) -> Block:
         steps = np.zeros(0, np.int64) if step is None else np.array([step], np.int64)
