@@ -580,3 +580,13 @@ def test_traced_rewards_recompute_from_the_traced_text(sft_model, tmp_path):
     assert run_cli(["train", *args], tmp_path / "log") == 0, (tmp_path / "log").read_text()[-3000:]
     df = assert_traces_recompute(tmp_path / "tr")
     assert df["step"].unique().tolist() == [1, 2, 3]
+
+
+def test_trace_modules_do_not_even_annotate_in_a_circle():
+    """The report reads through the reader, never the reverse (summary and by_step live on Traces); the
+    writer and the reader both use the owner record, which uses neither."""
+    from test_trl_seam import _cycle_free
+
+    graph = _cycle_free(typing=True, within="rlarith.traces")
+    assert "rlarith.traces.reader" in graph["rlarith.traces.report"]
+    assert "rlarith.traces.report" not in graph["rlarith.traces.reader"]
