@@ -249,6 +249,17 @@ def test_a_trace_folder_flipped_read_only_under_training_ends_in_one_paragraph(
     assert "trace journal failed" in said[0] and "read-only" in said[0] and "Intact:" in said[0]
 
 
+def test_a_folder_that_mixes_two_runs_says_so(tmp_path):
+    """Folders written before ownership was checked can hold two runs' steps: the summary names both."""
+    for run_id, seq in (("add-1", 1), ("mul-2", 2)):
+        with traces.TraceWriter(
+            tmp_path, run_id=run_id, rank=0, attempt=f"a{seq}", attempt_seq=seq, cfg=TraceConfig()
+        ) as w:
+            w.write_step(1, samples(1))
+    text = traces.format_summary(traces.open(tmp_path).summary())
+    assert "NOTE run ids: add-1, mul-2: a forced config change, or the steps of two runs mixed" in text
+
+
 def test_train_refuses_a_run_directory_whose_trace_folder_belongs_to_another_before_loading(tmp_path):
     """A copied run directory resumed elsewhere with the same traces.dir used to write its steps into the
     original's traces; now the trainer refuses in its preflight, before any model is loaded."""

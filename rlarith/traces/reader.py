@@ -471,6 +471,7 @@ class Traces:
             "samples_all_attempts": int(every["count"].sum()),
             "ranks": sorted({s.rank for s in self.sources}),
             "attempts": list(dict.fromkeys(s.attempt for s in self.sources)),  # chronological
+            "run_ids": list(dict.fromkeys(s.run_id for s in self.sources)),
             "resumes": self.resumes(),
             "shards": sum(s.sealed for s in self.sources),
             "journals": sum(not s.sealed for s in self.sources),

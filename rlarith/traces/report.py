@@ -117,6 +117,12 @@ def format_summary(s: dict, rows: int = 40) -> str:
             f"NOTE this trace folder belongs to the run directory {owner.get('run_dir')}, not to {s['run_dir']} "
             "(a copy or a move of it): the steps above are the owner's"
         )
+    if len(s.get("run_ids", [])) > 1:
+        lines.append(
+            f"NOTE run ids: {', '.join(s['run_ids'])}: a forced config change, or the steps of two runs mixed "
+            "in one folder before rlarith checked whose a trace folder is (`--all-attempts` exports show each "
+            "row's run_id)"
+        )
     for path, reason in s["skipped"]:
         lines.append(f"SKIPPED {path}: {reason}")
     if s.get("missing"):
