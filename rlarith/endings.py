@@ -139,6 +139,18 @@ def requeue(job_id: str, tries: int = REQUEUE_TRIES) -> str:
     return said
 
 
+def no_requeue(job_id: str) -> None:
+    """``scontrol update JobId=JOB Requeue=0``: the job ends with this attempt. A failure that is not
+    requeued must not be restarted by SLURM either when a node of the job is declared dead afterwards
+    (``NODE_FAIL`` requeues a requeueable job by itself)."""
+    try:
+        subprocess.run(
+            ["scontrol", "update", f"JobId={job_id}", "Requeue=0"], capture_output=True, timeout=60
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+
+
 def after_failure(
     run_dir: Path, job_id: str, resumed_from: int, checkpoint: int | None, max_failures: int
 ) -> tuple[bool, str]:

@@ -79,8 +79,9 @@ def latest(run_dir: Path, row: dict) -> list[str]:
     if row.get("reason"):
         out.append(f"  why: {row['reason']}")
     if ended in ("failed", "failed-requeued", "lost") and row.get("detail"):
-        out.append("  the failure said:")
-        out += ["    " + line for line in row["detail"].splitlines()[-8:]]
+        first, *rest = row["detail"].splitlines()
+        out.append(f"  the failure: {first}")
+        out += ["    " + line for line in rest[-6:]]
     if ended in RESUMABLE:
         out.append(
             f"  to resume from the latest checkpoint: rlarith submit -c {run_dir / 'config.yaml'} --wait"
