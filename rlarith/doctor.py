@@ -25,7 +25,6 @@ import platform
 import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib import metadata
@@ -33,6 +32,7 @@ from pathlib import Path
 
 from rlarith.checkpoints import human_bytes, tree_bytes, valid_checkpoints
 from rlarith.config import ConfigError, RunConfig
+from rlarith.durable import writable
 from rlarith.grace import SAVE_LINE, measured_times, partition_grace_s, verdict  # noqa: F401  (tests)
 
 PACKAGES = ("torch", "transformers", "trl", "deepspeed", "submitit", "accelerate", "datasets")
@@ -256,20 +256,112 @@ def check_container(cfg: RunConfig) -> Check:
     if not image:
         inside = " (running inside one now)" if _in_container() else ""
         return ok("container", f"none: the trainer runs on the host{inside}")
-    if not Path(image).is_file():
+    from rlarith import container
+
+    podman = container.kind(cfg) == "podman"  # the image is a name in podman's storage, not a file
+    if not podman and not Path(image).exists():
         return fail(
             "container",
             f"slurm.container: image {image!r} not found; build it (Containerfile, "
             "apptainer.def) or leave the key empty",
         )
-    runtime = os.environ.get("RLARITH_APPTAINER", "apptainer")
-    found = shutil.which(runtime) or shutil.which("singularity")
-    size = human_bytes(Path(image).stat().st_size)
-    if not found and not os.environ.get("SLURM_JOB_ID") and cfg.slurm.executor == "slurm":
-        return warn(
-            "container", f"{image} ({size}); no {runtime} on this node's PATH: the compute nodes need it"
+    runtime = cfg.slurm.container_runtime
+    found = shutil.which(runtime)
+    size = "" if podman else f" ({human_bytes(_image_bytes(Path(image)))})"
+    if not found:
+        if not os.environ.get("SLURM_JOB_ID") and cfg.slurm.executor == "slurm":
+            return warn(
+                "container", f"{image}{size}; no {runtime} on this node's PATH: the compute nodes need it"
+            )
+        return fail("container", f"{image}{size}; slurm.container_runtime: no {runtime} on PATH; install it")
+    mismatch = container.version_mismatch(cfg, dict(os.environ))
+    if mismatch:
+        return fail("container", mismatch)
+    return ok("container", f"{image}{size}, runtime {found}; its rlarith reads this rlarith's configs")
+
+
+def _image_bytes(image: Path) -> int:
+    """A SIF file's size, or an unpacked image directory's (ch-run)."""
+    return image.stat().st_size if image.is_file() else tree_bytes(image)
+
+
+IB_SYSFS = Path("/sys/class/infiniband")
+"""One entry per InfiniBand/RoCE device the kernel sees (what NCCL's IB transport would use)."""
+
+
+def _ibverbs() -> tuple[str | None, list[str]]:
+    """libibverbs (as NCCL dlopens it) and its device providers (ibverbs-providers), if installed."""
+    import ctypes
+    import glob
+
+    try:
+        ctypes.CDLL("libibverbs.so.1")
+        lib: str | None = "libibverbs.so.1"
+    except OSError:
+        lib = None
+    found = glob.glob("/usr/lib*/libibverbs/*-rdmav*.so") + glob.glob("/usr/lib*/*/libibverbs/*-rdmav*.so")
+    providers = sorted({Path(p).name.split("-rdmav")[0] for p in found})
+    return lib, providers
+
+
+def check_ranks(cfg: RunConfig) -> Check:
+    """How the job's ranks take GPUs and CPUs (rlarith.ranks): one rank per GPU, each using ``cuda:LOCAL_RANK``
+    among its node's GPUs. Inside a SLURM job, also what SLURM gave this task: a GPU of its own for this
+    rank, and ``slurm.cpus_per_task`` CPUs in its affinity mask."""
+    from rlarith.ranks import RankEnvError, gpu_env
+
+    s = cfg.slurm
+    plan = f"{s.nodes} node(s) x {s.tasks_per_node} rank(s), " + (
+        f"one GPU each (cuda:LOCAL_RANK among the node's {s.gpus_per_node})" if s.gpus_per_node else "no GPUs"
+    )
+    if s.gpus_per_node and s.tasks_per_node != s.gpus_per_node:
+        return fail(
+            "ranks",
+            f"{plan}: slurm.tasks_per_node={s.tasks_per_node} must equal slurm.gpus_per_node={s.gpus_per_node} "
+            "(one rank per GPU); set both to the GPUs per node",
         )
-    return ok("container", f"{image} ({size}), runtime {found or runtime + ' (not on this PATH)'}")
+    if not os.environ.get("SLURM_JOB_ID"):
+        return ok("ranks", f"{plan}, {s.cpus_per_task} CPU(s) each")
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    if s.gpus_per_node and visible:
+        try:
+            gpu_env(visible, int(os.environ.get("SLURM_LOCALID", "0")), s.tasks_per_node)
+        except RankEnvError as err:
+            return fail("ranks", f"{plan}: {err}")
+    cpus = len(os.sched_getaffinity(0))
+    if cpus < s.cpus_per_task:
+        return warn(
+            "ranks",
+            f"{plan}: this task may run on {cpus} CPU(s), fewer than slurm.cpus_per_task={s.cpus_per_task}; "
+            "start it with srun --cpus-per-task (SLURM 22.05-23.02's srun does not inherit sbatch's)",
+        )
+    return ok("ranks", f"{plan}; this task: CUDA_VISIBLE_DEVICES={visible or '(unset)'}, {cpus} CPU(s)")
+
+
+def check_network(cfg: RunConfig) -> Check:
+    """Which network NCCL will use between nodes, where this machine can tell: InfiniBand/RoCE when the
+    kernel has such a device and the user-space libraries (libibverbs1, ibverbs-providers) are here; else
+    TCP sockets, which NCCL falls back to without an error (many times slower)."""
+    if os.environ.get("NCCL_IB_DISABLE") == "1":
+        return ok("network", "NCCL between nodes: TCP sockets (NCCL_IB_DISABLE=1)")
+    devices = sorted(p.name for p in IB_SYSFS.glob("*")) if IB_SYSFS.is_dir() else []
+    lib, providers = _ibverbs()
+    have = f"{lib} with {len(providers)} provider(s)" if lib and providers else (lib or "no libibverbs.so.1")
+    if devices and lib and providers:
+        return ok("network", f"NCCL between nodes: InfiniBand/RoCE ({', '.join(devices)}; {have})")
+    if devices:
+        return fail(
+            "network",
+            f"InfiniBand/RoCE devices ({', '.join(devices)}) but {have} here: NCCL would fall back to TCP "
+            "sockets between nodes, silently and many times slower; install libibverbs1 and ibverbs-providers "
+            "(the image has them: run in it)",
+        )
+    detail = f"NCCL between nodes: TCP sockets (no InfiniBand/RoCE device visible; {have})"
+    if cfg.slurm.nodes > 1 and cfg.slurm.gpus_per_node:
+        return warn(
+            "network", detail + f"; slurm.nodes={cfg.slurm.nodes}: check the nodes have a fast fabric"
+        )
+    return ok("network", detail)
 
 
 # ------------------------------------------------------------------------------------------ the run
@@ -284,16 +376,9 @@ def _existing(path: Path) -> Path:
 
 
 def _writable(path: Path) -> str | None:
-    """None when files can be created at ``path`` (or where it would be created), else why not."""
-    base = _existing(path)
-    if not base.is_dir():
-        return f"{str(base)!r} is a file, not a folder"
-    try:  # a real file, not os.access: root passes os.access on read-only mounts
-        with tempfile.NamedTemporaryFile(dir=base, prefix=".rlarith-doctor-"):
-            pass
-    except OSError as err:
-        return f"cannot create files in {str(base)!r} ({err.strerror})"
-    return None
+    """None when a file with data can be written at ``path`` (or where it would be created), else why not:
+    the probe the trainer also runs before it loads the model (rlarith.durable.writable)."""
+    return writable(path)
 
 
 def checkpoint_bytes(cfg: RunConfig) -> tuple[int, str]:
@@ -401,9 +486,11 @@ def checks(cfg: RunConfig, config_given: bool = True) -> Iterator[Check]:
         lambda: check_gpus(cfg),
         lambda: check_deepspeed(cfg if config_given else None),
         lambda: check_slurm(cfg),
+        lambda: check_network(cfg),
     ]
     if config_given:
         steps += [
+            lambda: check_ranks(cfg),
             lambda: check_container(cfg),
             lambda: check_run_dir(cfg),
             lambda: check_trace_dir(cfg),

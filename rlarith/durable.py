@@ -96,13 +96,16 @@ def storage_error(doing: str, path: Path | str | None, err: OSError, intact: str
 def storage_errors(doing: str, path: Path | str | None, intact: str | Callable[[], str]) -> Iterator[None]:
     """Within the block, a storage error (``os_error``) becomes ``storage_error(doing, ...)``; anything
     else passes. The file named is the error's own when it has one, else ``path``. ``intact`` may be a
-    function, called only on an error."""
+    function, called only on an error. An error that carries no errno (torch.save into a path says only
+    "file write failed") is judged by a probe write where ``path`` is: if that fails too, it is the cause."""
     try:
         yield
     except StorageError:
         raise
     except Exception as err:
         cause = os_error(err)
+        if cause is None and path is not None:
+            cause = _probe(Path(path) if Path(path).is_dir() else Path(path).parent)
         if cause is None:
             raise
         said = intact() if callable(intact) else intact
@@ -116,15 +119,23 @@ def writable(folder: Path | str, probe_bytes: int = 65536) -> str | None:
     base = _existing(Path(folder))
     if not base.is_dir():
         return f"{base} is a file, not a folder"
-    probe = base / f".rlarith-probe-{os.getpid()}"
+    err = _probe(base, probe_bytes)
+    if err is None:
+        return None
+    happened = _MEANING.get(err.errno or 0, (err.strerror, ""))[0]
+    return f"cannot write a file in {base}: {happened} ({err.strerror})"
+
+
+def _probe(folder: Path, nbytes: int = 65536) -> OSError | None:
+    """Write ``nbytes`` to a new file in ``folder``, fsync, remove it; the storage error that stopped it."""
+    probe = folder / f".rlarith-probe-{os.getpid()}"
     try:
         with open(probe, "wb") as fh:
-            fh.write(b"\0" * probe_bytes)
+            fh.write(b"\0" * nbytes)
             fh.flush()
             os.fsync(fh.fileno())
     except OSError as err:
-        happened = _MEANING.get(err.errno or 0, (err.strerror, ""))[0]
-        return f"cannot write a file in {base}: {happened} ({err.strerror})"
+        return err if err.errno in _MEANING else None
     finally:
         try:
             probe.unlink(missing_ok=True)

@@ -12,9 +12,9 @@ steps after S that an interrupted attempt had already logged. So every attempt s
 
 So ``metrics.jsonl`` holds each step once, and every record belongs to the attempt named by the marker
 above it. Appends are fsynced (``sync``) before every checkpoint is sealed: whatever a valid checkpoint
-covers is on disk. Readers should use ``read``: it attaches ``attempt`` to each record, skips markers and a torn last
-line, and (should a file ever hold a step twice, e.g. one written before markers existed) keeps the
-latest record per step and kind. ``read(run, all_attempts=True)`` returns the superseded records too.
+covers is on disk. Readers should use ``read``: it attaches ``attempt`` to each record, skips markers and a
+torn last line, and (should a file ever hold a step twice, e.g. one written before markers existed) keeps
+the latest record per step and kind. ``read(run, all_attempts=True)`` returns the superseded records too.
 This module never imports torch.
 """
 

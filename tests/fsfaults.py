@@ -115,6 +115,11 @@ def unfill(path: Path) -> None:
     (Path(path) / FILLER).unlink(missing_ok=True)
 
 
+def resize(path: Path, size: str) -> None:
+    """Give a ``small_tmpfs`` mount a new size (``mount -o remount,size=``): room made, as by an admin."""
+    _run("mount", "-o", f"remount,size={size}", "tmpfs", str(path))
+
+
 @dataclass
 class Ext4Image:
     """A loop-mounted ext4 image at ``path`` (see the module docstring for how its faults are made)."""

@@ -434,3 +434,28 @@ def test_a_rank_waits_for_its_rank_0_to_write_who_it_is(tmp_path, monkeypatch):
     finally:
         late.join()
         os.close(fd)
+
+
+def test_a_damaged_config_yaml_is_checked_against_the_checkpoints_copy(tmp_path):
+    """An empty config.yaml (a crash) is not the default config: the start is checked against the copy of
+    the config sealed into the latest checkpoint, so the same config resumes and another is refused naming
+    what differs per that checkpoint (it was refused as "model.path cannot change", per the defaults).
+    Without a copy, the refusal says how to restore the file."""
+    from rlarith.config import ConfigDamaged, flat, load_config, save_config
+    from rlarith.training.identity import run_id
+    from rlarith.training.preflight import check_run_dir
+
+    cfg = load_config(overrides=[f"runs_dir={tmp_path}", "name=r", "model.path=/models/m", "task.op=+"])
+    save_config(cfg, cfg.run_dir / "config.yaml")
+    final = checkpoint_path(cfg.run_dir, 2)
+    seal(stage(cfg.run_dir, 2), final, {"run_id": run_id(cfg), "config": flat(cfg)}, required=list(FILES))
+    (cfg.run_dir / "config.yaml").write_bytes(b"")
+    assert check_run_dir(cfg, force=False) is None
+    changed = load_config(overrides=[f"runs_dir={tmp_path}", "name=r", "model.path=/models/m", 'task.op="*"'])
+    with pytest.raises(ConfigError, match=r"task.op: '\+' -> '\*'; per checkpoint-2"):
+        check_run_dir(changed, force=False)
+    (final / "rlarith_state.json").write_text(json.dumps({"step": 2}))  # sealed by an older rlarith
+    with pytest.raises(
+        ConfigDamaged, match="is empty .*checkpoint-2 holds no copy of the config.*rlarith config -c"
+    ):
+        check_run_dir(cfg, force=False)
