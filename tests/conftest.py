@@ -14,7 +14,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 # The one-node SLURM test cluster (tests/slurm_cluster.py); real filesystem faults (tests/fsfaults.py).
-pytest_plugins = ["slurm_cluster", "fsfaults"]
+pytest_plugins = ["slurm_cluster", "fsfaults", "image_build"]
 
 # Started as `cmd &` without job control (nohup, some CI runners), pytest and every child it starts inherit
 # an ignored SIGINT, which rlarith rightly leaves ignored. The Ctrl-C tests play a terminal's foreground
