@@ -284,7 +284,7 @@ def test_killed_during_a_save_resumes_from_the_previous_valid_checkpoint(slurm_c
     subprocess.run(["pkill", "-KILL", "-f", pattern], check=False)
     assert watcher.wait(timeout=400) == 0, (tmp_path / "wait.log").read_text()
     rows = attempts.merged(run_dir)
-    assert len(rows) == 2 and "ended" not in rows[0] and rows[1]["ended"] == "finished"  # no end: killed
+    assert len(rows) == 2 and rows[0]["ended"] == "lost" and rows[1]["ended"] == "finished"  # recorded by 1
     assert rows[1]["first_step"] <= logged_step(run_dir)
     assert_matches_reference(run_dir, reference)
 
