@@ -244,7 +244,9 @@ def watch(
             now = time.monotonic()
             if changed or now >= next_slurm or job.paths.result_pickle.exists():
                 done = job.done(force_check=True)
-                new_state = job.watcher.get_state(job.job_id, mode="cache")
+                # sacct's answer of the call above, not another call; a local job's state is its process's
+                local = cfg.slurm.executor == "local"
+                new_state = job.state if local else job.watcher.get_state(job.job_id, mode="cache")
                 if new_state != state:
                     out(f"{iso_time()} job {job.job_id}: {new_state}")
                     state, changed = new_state, True
