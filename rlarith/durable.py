@@ -32,16 +32,20 @@ EXIT_STORAGE = 74
 
 # What each storage errno means, and what to do about it (the path is filled in).
 _MEANING: dict[int, tuple[str, str]] = {
-    errno.ENOSPC: ("the filesystem is full", "free space there (`df -h {folder}`) or move it elsewhere"),
+    errno.ENOSPC: (
+        "the filesystem is full",
+        "free space there (`df -h {folder}`) or point runs_dir / traces.dir at a filesystem with room",
+    ),
     errno.EDQUOT: ("you are over your disk quota there", "free space or raise the quota"),
     errno.EROFS: (
         "the filesystem is read-only (a storage fault remounts it so)",
-        "once it is writable again (`touch {folder}/x`; ask your admins), or with the folder moved elsewhere,",
+        "wait until it is writable again (`touch {folder}/x` tells; ask your admins) or point runs_dir / "
+        "traces.dir elsewhere",
     ),
     errno.EIO: ("an I/O error: the storage is failing", "check the storage (`dmesg`, your admins)"),
     errno.ENOENT: (
         "a folder on its path was removed while the run wrote there (a scratch purge?)",
-        "keep the folder out of purges",
+        "keep the folder out of purges (the run recreates it)",
     ),
     errno.ESTALE: ("the network filesystem lost the file (stale handle)", "check the mount"),
     errno.EACCES: ("permission denied", "fix the permissions of {folder}"),
@@ -87,7 +91,7 @@ def storage_error(doing: str, path: Path | str | None, err: OSError, intact: str
     code = errno.errorcode.get(err.errno or 0, "?")
     return StorageError(
         f"{doing} failed: {where}: {happened} ({err.strerror or err}; {code} {err.errno}). {intact} "
-        f"To go on: {todo.format(folder=folder)} then start the run again (it resumes from its latest "
+        f"To go on: {todo.format(folder=folder)}, then start the run again (it resumes from its latest "
         "valid checkpoint)."
     )
 

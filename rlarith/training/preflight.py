@@ -176,6 +176,8 @@ def record_forced(run_dir: Path, forced: ForcedChange, attempt: str) -> None:
     }
     with (run_dir / FORCED_RECORD).open("a") as fh:
         fh.write(json.dumps(entry, default=str) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())  # the record of why this run's config differs must survive a crash
 
 
 def check_model_path(cfg: RunConfig) -> None:

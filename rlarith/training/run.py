@@ -216,7 +216,9 @@ def _train(cfg: RunConfig, force: bool, stop: StopRequest, step_filter: StepFilt
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         run.writer.wait()  # the final save is synchronous; this only surfaces an earlier write's error
     except BaseException as err:
-        _wind_down(run)  # the first error is the one reported; what else fails on the way out is a line each
+        # The first error is the one reported; what else fails on the way out is a line each. A second
+        # Ctrl-C (KeyboardInterrupt) aborts: it does not wait for a background write.
+        _wind_down(run, wait_for_writer=isinstance(err, Exception))
         cause = None if isinstance(err, StorageError) else os_error(err)
         if cause is not None:  # a write not guarded where it is made (TensorBoard's, a library's)
             step = trainer.state.global_step
@@ -243,10 +245,10 @@ def _train(cfg: RunConfig, force: bool, stop: StopRequest, step_filter: StepFilt
     return 0
 
 
-def _wind_down(run: RunContext) -> None:
+def _wind_down(run: RunContext, wait_for_writer: bool) -> None:
     """After training failed: let a background write in flight finish (it may still seal a checkpoint),
     and close the traces; an error in either is said in one line, so it never hides the first one."""
-    steps = [("the background write", run.writer.wait)]
+    steps = [("the background write", run.writer.wait)] if wait_for_writer else []
     if run.traces is not None:
         steps.append(("closing the traces", run.traces.close))
     for what, call in steps:
