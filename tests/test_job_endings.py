@@ -37,9 +37,31 @@ TWO_RANKS = ("training.deepspeed=zero2", "slurm.tasks_per_node=2", "training.max
 
 
 @pytest.fixture(autouse=True)
-def empty_queue(slurm_cluster):  # a failed test leaves no job behind to disturb the next one
+def empty_queue(request: pytest.FixtureRequest):  # a failed test leaves no job behind to disturb the next
     yield
-    slurm_cluster.cancel_all()
+    if "slurm_cluster" in request.fixturenames:
+        request.getfixturevalue("slurm_cluster").cancel_all()
+
+
+def test_status_shows_the_latest_attempt_not_an_older_failure(tmp_path: Path) -> None:
+    """A failure that was requeued and followed by a finished attempt is history: the table keeps it,
+    "now:" says the run finished (before, the old traceback was shown as "the last failure said")."""
+    from rlarith.status import report
+
+    run = tmp_path / "run"
+    for record in (
+        attempts.Attempt("start", "7.0", "7", host="n1", first_step=1),
+        attempts.Attempt("rank", "7.0", "7", host="n2", rank=1, exit=-9, detail="Killed"),
+        attempts.Attempt("end", "7.0", "7", last_step=6, checkpoint=4, ended="failed-requeued", exit=1, rank=1,
+                         reason="advanced to checkpoint-4", detail="rank 1 on n2: the trainer exited with status -9\n"
+                         "RuntimeError: boom"),
+        attempts.Attempt("start", "7.1", "7", host="n1", restart=1, first_step=5),
+        attempts.Attempt("end", "7.1", "7", restart=1, last_step=8, checkpoint=8, ended="finished", exit=0),
+    ):  # fmt: skip
+        attempts.append(run, record)
+    shown = report(run)
+    assert "failed-requeued (rank 1, exit 1)" in shown and "now: attempt 7.1 ended: training reached" in shown
+    assert "boom" not in shown and "to resume" not in shown, shown
 
 
 def status(run_dir: Path) -> str:
@@ -216,6 +238,16 @@ def counting_sacct(env: dict[str, str], folder: Path) -> dict[str, str]:
     return {**env, "PATH": f"{bin_dir}:{path}"}
 
 
+def asks(pid: int, *words: str) -> bool:
+    """Whether process ``pid`` has a child whose command line holds every one of ``words``."""
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        lines = [Path(f"/proc/{c}/cmdline").read_bytes().replace(b"\0", b" ").decode() for c in children]
+    except OSError:
+        return False
+    return any(all(w in line for w in words) for line in lines)
+
+
 def _ctld_pid(cluster) -> int:
     pidfile = Path(cluster.env.get("RLARITH_SLURM_DIR", "/tmp/rlarith-slurm")) / "run" / "slurmctld.pid"
     if pidfile.is_file():
@@ -240,16 +272,7 @@ def test_a_signal_during_the_drivers_start_up_is_honoured(slurm_cluster, sft_mod
     try:
         (driver,) = drivers(marker)
 
-        def asking() -> bool:  # the driver waits for an scontrol child (stuck: the controller is stopped)
-            try:
-                children = Path(f"/proc/{driver}/task/{driver}/children").read_text().split()
-                return any(
-                    "scontrol" in Path(f"/proc/{c}/cmdline").read_text(errors="replace") for c in children
-                )
-            except OSError:
-                return False
-
-        wait_for(asking, timeout=30, interval=0.01)
+        wait_for(lambda: asks(driver, "scontrol"), timeout=30, interval=0.01)
         os.kill(driver, sig)
         time.sleep(0.5)
     finally:
@@ -410,3 +433,27 @@ def test_wait_returns_when_the_job_ends_preempted(slurm_cluster, sft_model: Path
     assert watcher.wait(timeout=240) == 1, (tmp_path / "wait.log").read_text()
     said = (tmp_path / "wait.log").read_text()
     assert "ended PREEMPTED and was not requeued" in said and "rlarith submit -c" in said, said
+
+
+@pytest.mark.slow
+def test_a_requeue_the_controller_does_not_answer_is_asked_again(slurm_cluster, sft_model: Path, tmp_path: Path) -> None:  # fmt: skip
+    """slurmctld stops answering (stopped for 15 s, past scontrol's MessageTimeout) just as rank 0 asks for
+    the requeue after a stop: the driver asks again, the job restarts and finishes, and the record says
+    requeued. Before, one failed ``scontrol requeue`` ended the job while its record said requeued."""
+    env, run_dir = slurm_cluster.env, tmp_path / "retry"
+    args = job_args(sft_model, tmp_path, "retry", "training.max_steps=8", "traces.enabled=false")
+    watcher = follow(args, env, tmp_path / "wait.log")
+    wait_for(lambda: logged_step(run_dir) >= 2 or watcher.poll() is not None, timeout=400)
+    (driver,) = drivers(str(tmp_path / "submitit"))
+    os.kill(driver, signal.SIGUSR2)  # a stop from outside: the trainer saves, then rank 0 requeues
+    wait_for(lambda: asks(driver, "scontrol", "requeue"), timeout=120, interval=0.01)
+    ctld = _ctld_pid(slurm_cluster)
+    os.kill(ctld, signal.SIGSTOP)
+    try:
+        time.sleep(15)
+    finally:
+        os.kill(ctld, signal.SIGCONT)
+    assert watcher.wait(timeout=400) == 0, (tmp_path / "wait.log").read_text()
+    rows = attempts.merged(run_dir)
+    assert [r.get("ended") for r in rows] == ["requeued", "finished"], rows
+    assert "requeue failed" not in rows[0].get("reason", "")
