@@ -400,9 +400,9 @@ class SlurmConfig:
     nodes: int = 1
     """Nodes per job."""
     tasks_per_node: int = 1
-    """Ranks per node (one per GPU on a GPU cluster)."""
+    """Ranks per node; with GPUs, one per GPU (equal to ``gpus_per_node``)."""
     gpus_per_node: int = 0
-    """GPUs per node."""
+    """GPUs per node; every rank sees its node's GPUs and uses ``cuda:LOCAL_RANK`` (0 for CPUs only)."""
     cpus_per_task: int = 2
     """CPU cores per rank."""
     mem_gb: int = 16
@@ -443,6 +443,15 @@ class SlurmConfig:
         for key in ("nodes", "tasks_per_node", "cpus_per_task", "mem_gb", "timeout_min"):
             _check(getattr(self, key) >= 1, f"slurm.{key}", f"must be at least 1; got {getattr(self, key)}.")
         _check(self.gpus_per_node >= 0, "slurm.gpus_per_node", f"must be >= 0; got {self.gpus_per_node}.")
+        # One rank per GPU, each using cuda:LOCAL_RANK among its node's GPUs (rlarith.ranks): more ranks than
+        # GPUs would leave a rank without a device, fewer would leave GPUs idle.
+        _check(
+            not self.gpus_per_node or self.tasks_per_node == self.gpus_per_node,
+            "slurm.tasks_per_node",
+            f"must equal slurm.gpus_per_node when GPUs are asked for (one rank per GPU); got "
+            f"tasks_per_node={self.tasks_per_node} and gpus_per_node={self.gpus_per_node}: set both to the "
+            "GPUs you want per node (or gpus_per_node=0 to train on CPUs).",
+        )
         _check(self.signal_delay_s >= 0, "slurm.signal_delay_s", f"must be >= 0; got {self.signal_delay_s}.")
         _check(self.max_timeouts >= 0, "slurm.max_timeouts", f"must be >= 0; got {self.max_timeouts}.")
         _check(

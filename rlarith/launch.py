@@ -40,7 +40,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from rlarith import attempts, container, endings, metrics
+from rlarith import attempts, container, endings, metrics, ranks
 from rlarith.checkpoints import valid_checkpoints
 from rlarith.config import ConfigError, RunConfig, save_config
 from rlarith.grace import measured_times, partition_grace_s, verdict
@@ -408,19 +408,19 @@ class TrainJob:
         # One id per start, the trainer's too: SLURM counts restarts; a local job id is only a pid.
         attempt = new_attempt_id(env_job.job_id, restart if cfg.slurm.executor == "slurm" else None)
         env = dict(os.environ, PYTHONUNBUFFERED="1", **{ATTEMPT_ENV: attempt})
-        if env_job.num_tasks > 1:
-            dist = submitit.helpers.TorchDistributedEnvironment()
-            env.update(
-                MASTER_ADDR=dist.master_addr,
-                MASTER_PORT=str(dist.master_port),
-                RANK=str(dist.rank),
-                WORLD_SIZE=str(dist.world_size),
-                LOCAL_RANK=str(dist.local_rank),
-                LOCAL_WORLD_SIZE=str(dist.local_world_size),
-            )
-            visible = env.get("CUDA_VISIBLE_DEVICES", "")
-            if cfg.slurm.gpus_per_node and visible:  # one GPU per task, out of the node's GPUs
-                env["CUDA_VISIBLE_DEVICES"] = visible.split(",")[dist.local_rank]
+        if env_job.num_tasks > 1:  # the rendezvous, ranks and GPUs: rlarith.ranks
+            try:
+                dist, notes = ranks.rank_env(
+                    os.environ, job_id=env_job.job_id, restart=restart, rank=rank,
+                    world_size=env_job.num_tasks, local_rank=env_job.local_rank,
+                    local_world_size=env_job.num_tasks // env_job.num_nodes, hostnames=list(env_job.hostnames),
+                    node=env_job.node, gpus=cfg.slurm.gpus_per_node > 0,
+                )  # fmt: skip
+            except ranks.RankEnvError as err:
+                raise JobFailed(f"{err} (not requeued)") from None
+            env.update(dist)
+            for note in notes if rank == 0 else []:
+                print(f"rlarith: {note}", file=sys.stderr, flush=True)
         env[LOCK_WAIT_ENV] = str(cfg.slurm.lock_wait_s)
         resumed = _latest_step(run_dir)
         if cfg.slurm.container:  # a runtime refuses a bind source that does not exist (apptainer: exit 255)

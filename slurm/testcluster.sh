@@ -302,6 +302,7 @@ done
 exec nsenter --net=/run/netns/$(netns head) -- $real "\$@"
 EOF
 	done
+	return 0
 }
 
 # /etc/hosts: the head's and nodes' names, between markers, while the cluster is up. Edited in place (it

@@ -13,7 +13,8 @@ from conftest import REPO, cli
 from rlarith.config import load_config
 from rlarith.doctor import SAVE_LINE, check_grace, deepspeed_ops_needed, doctor, measured_times
 
-NAMES = ("versions", "gpus", "deepspeed", "slurm", "container", "run dir", "traces", "model", "grace")
+NAMES = ("versions", "gpus", "deepspeed", "slurm", "network", "ranks", "container", "run dir", "traces", "model",
+         "grace")  # fmt: skip
 
 
 @pytest.fixture(scope="module")

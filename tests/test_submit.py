@@ -125,11 +125,15 @@ def reference(sft_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 
 
 def test_dry_run_prints_the_batch_script_and_submits_nothing(sft_model: Path, tmp_path: Path) -> None:
-    out = submit(job_args(sft_model, tmp_path, "dry", "slurm.gpus_per_node=2"), {}, "--dry-run")
+    args = job_args(sft_model, tmp_path, "dry", "slurm.gpus_per_node=2", "slurm.tasks_per_node=2")
+    out = submit(args, {}, "--dry-run")
     assert out.returncode == 0, out.stderr
     for line in ("#SBATCH --partition=low", "#SBATCH --requeue", "#SBATCH --signal=USR2@30",
                  "#SBATCH --gpus-per-node=2", "#SBATCH --time=10", "#SBATCH --mem=1GB", "submitit.core._submit"):  # fmt: skip
         assert line in out.stdout, line
+    # srun restates the CPUs per rank (SLURM 22.05-23.02's srun does not inherit sbatch's).
+    (srun,) = [line for line in out.stdout.splitlines() if line.startswith("srun ")]
+    assert "--cpus-per-task=1" in srun.split(), srun
     assert not (tmp_path / "submitit").exists() and not (tmp_path / "dry").exists()
 
 
