@@ -29,7 +29,6 @@ RECORD = "attempts.jsonl"
 ENDINGS = {
     "finished": "training reached max_steps",
     "preempted": "SLURM preempted the job; saved and requeued",
-    "preempted-lost": "SLURM preempted the job; saved, but the requeue failed: submit again to resume",
     "timeout": "the time limit came; saved and requeued",
     "timeout-limit": "the time limit came once more than slurm.max_timeouts allows; saved, not requeued",
     "cancelled": "cancelled (scancel); saved, not requeued: submit again to resume",
