@@ -92,6 +92,35 @@ def start_attempt(run_dir: Path, attempt: str, attempt_seq: int, resumed_step: i
     return len(moved)
 
 
+def missing_steps(run_dir: Path, upto: int, every: int = 1) -> list[int]:
+    """The steps up to ``upto`` that should have a training record (every ``every``-th: the run's
+    ``training.logging_steps``) and have none: lost in a crash (before records were fsynced at every seal)
+    or removed by hand.
+
+    >>> import tempfile; run = Path(tempfile.mkdtemp())
+    >>> _ = (run / METRICS).write_text('{"step": 2, "loss": 0.1}\\n')
+    >>> missing_steps(run, 4), missing_steps(run, 4, every=2)
+    ([1, 3, 4], [4])
+    """
+    have = {r.get("step") for r in read(run_dir) if _kind(r) == "train"}
+    return [step for step in range(every, upto + 1, every) if step not in have]
+
+
+def steps_text(steps: list[int]) -> str:
+    """``1-3, 7``: consecutive steps as ranges.
+
+    >>> steps_text([1, 2, 3, 7, 9, 10])
+    '1-3, 7, 9-10'
+    """
+    spans: list[list[int]] = []
+    for step in steps:
+        if spans and step == spans[-1][1] + 1:
+            spans[-1][1] = step
+        else:
+            spans.append([step, step])
+    return ", ".join(f"{a}-{b}" if b > a else f"{a}" for a, b in spans)
+
+
 def sync(run_dir: Path) -> None:
     """Make every record appended so far durable (the trainer calls it before a checkpoint is sealed, so a
     node crash never leaves a valid checkpoint of a step whose metrics are lost)."""

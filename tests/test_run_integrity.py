@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import shutil
 import signal
@@ -459,3 +460,22 @@ def test_a_damaged_config_yaml_is_checked_against_the_checkpoints_copy(tmp_path)
         ConfigDamaged, match="is empty .*checkpoint-2 holds no copy of the config.*rlarith config -c"
     ):
         check_run_dir(cfg, force=False)
+
+
+def test_a_resume_says_which_covered_steps_have_no_metrics(tmp_path, caplog):
+    """A checkpoint covers steps whose metrics are gone (a crash before they were fsynced, an edit): the
+    resume says which, in one line, and goes on."""
+    from rlarith.config import load_config
+    from rlarith.training.identity import Attempt
+    from rlarith.training.run import _prepare_run_dir
+
+    cfg = load_config(overrides=[f"runs_dir={tmp_path}", "name=r"])
+    save(cfg.run_dir, 4)
+    write_lines(cfg.run_dir / "metrics.jsonl", [{"step": 1, "loss": 0.5}, {"step": 2, "loss": 0.4}])
+    logger = logging.getLogger("rlarith")  # its own handler: rlarith's logging may not propagate to root
+    logger.addHandler(caplog.handler)
+    try:
+        _prepare_run_dir(cfg, None, Attempt("a", 1))
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert "metrics.jsonl has no records of step(s) 3-4, which checkpoint-4 covers" in caplog.text

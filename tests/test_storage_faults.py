@@ -84,6 +84,24 @@ def test_a_synchronous_save_on_a_full_disk_says_what_is_intact_and_the_run_resum
     assert logged_steps(runs / "run") == [1, 2, 3, 4]
 
 
+def test_a_background_save_on_a_full_disk_is_the_same_paragraph(sft_model, small_tmpfs, tmp_path):
+    """No room for even one checkpoint, saves overlapped: the background write of checkpoint-2 fails and
+    the training thread reports it at the next save, as one paragraph (exit 74; it was exit 1 with a
+    traceback around the message)."""
+    runs = small_tmpfs(f"{CHECKPOINT_MB // 2}M")
+    log = tmp_path / "train.log"
+    status = start(args(sft_model, runs, tmp_path / "traces", 4), log).wait(timeout=300)
+    assert status == EXIT_STORAGE, log.read_text()[-3000:]
+    assert_one_paragraph(
+        log.read_text(),
+        "The background write of checkpoint-2 failed",
+        f"{runs}/run/checkpoints/.staging/checkpoint-2/",
+        "the filesystem is full",
+        "There is no valid checkpoint yet: the next start begins from the model",
+    )
+    assert not valid_checkpoints(runs / "run")
+
+
 def test_a_run_dir_that_turns_read_only_mid_run_is_one_paragraph_and_loses_nothing(
     sft_model, ext4_image, tmp_path
 ):

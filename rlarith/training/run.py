@@ -284,6 +284,15 @@ def _prepare_run_dir(cfg: RunConfig, forced: ForcedChange | None, attempt: Attem
             v.seconds,
         )
     resumed_step = (step_of(found.checkpoint) or 0) if found.checkpoint else 0
+    lost = metrics_file.missing_steps(cfg.run_dir, resumed_step, cfg.training.logging_steps)
+    if lost:  # said, never silent: the checkpoint covers steps whose metrics are gone
+        log.warning(
+            "%s has no records of step(s) %s, which %s covers: lost in a crash or removed; training goes on, "
+            "their metrics stay missing",
+            metrics_file.METRICS,
+            metrics_file.steps_text(lost),
+            found.checkpoint.name,
+        )
     superseded = metrics_file.start_attempt(cfg.run_dir, attempt.id, attempt.seq, resumed_step)
     if superseded:
         log.info(
