@@ -18,8 +18,8 @@ set -euo pipefail
 DIR=${RLARITH_IMAGE_DIR:-/var/tmp/rlarith-image}
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 PACKAGES=(podman runc uidmap debootstrap charliecloud-runtime)
-DEBIAN=localhost/rlarith-debian:bookworm
-STANDIN=localhost/rlarith-standin:torch-2.13.0
+DEBIAN=${RLARITH_IMAGE_DEBIAN:-localhost/rlarith-debian:bookworm}
+STANDIN=${RLARITH_IMAGE_STANDIN:-localhost/rlarith-standin:torch-2.13.0}
 IMAGE=${RLARITH_IMAGE:-localhost/rlarith:test}
 CHDIR=$DIR/ch/rlarith
 # A non-root host user for ch-run (charliecloud runs as whoever starts it; CI runs as root).
@@ -74,7 +74,7 @@ configure_podman() {
 mirror() {
 	local uri
 	uri=$(grep -rhoE '^(URIs:|deb)\s+\S+' /etc/apt/sources.list /etc/apt/sources.list.d/ 2>/dev/null |
-		awk '{print $2}' | grep -v security | head -n1)
+		awk '{print $2}' | grep -E '/debian/?$' | head -n1)
 	echo "${uri:-http://deb.debian.org/debian}"
 }
 
@@ -119,7 +119,7 @@ build_standin() {
 	pip_conf >"$DIR/standin/pip.conf"
 	cp "$REPO/container/standin.Containerfile" "$DIR/standin/Containerfile"
 	# shellcheck disable=SC2046
-	podman build -q $(volumes) -t "$STANDIN" "$DIR/standin" >"$DIR/standin.log" 2>&1 ||
+	podman build -q $(volumes) --build-arg DEBIAN="$DEBIAN" -t "$STANDIN" "$DIR/standin" >"$DIR/standin.log" 2>&1 ||
 		die "the stand-in base did not build; see $DIR/standin.log"
 	say "stand-in base built in $(since "$t") s"
 }

@@ -21,6 +21,7 @@ This module imports no torch: the job driver on the host uses it.
 from __future__ import annotations
 
 import os
+import pwd
 import subprocess
 from collections.abc import Mapping
 from pathlib import Path
@@ -87,6 +88,7 @@ def command(
     outer = {k: v for k, v in env.items() if k != "PYTHONPATH"}
     which = kind(cfg)
     if which == "ch-run":
+        outer.setdefault("USER", pwd.getpwuid(os.getuid()).pw_name)  # ch-run refuses to start without it
         return [
             runtime,
             "--unset-env=*",

@@ -212,6 +212,7 @@ def _in_container() -> bool:
     return (
         bool(os.environ.get("APPTAINER_CONTAINER") or os.environ.get("SINGULARITY_CONTAINER"))
         or Path("/.dockerenv").exists()
+        or Path("/run/.containerenv").exists()  # podman
     )
 
 

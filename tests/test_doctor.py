@@ -46,7 +46,13 @@ def test_without_a_config_only_the_machine_is_checked() -> None:
     result = cli(["doctor"])
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
-    assert [line[5:15].strip() for line in lines[:-1]] == ["versions", "gpus", "deepspeed", "slurm"]
+    assert [line[5:15].strip() for line in lines[:-1]] == [
+        "versions",
+        "gpus",
+        "deepspeed",
+        "slurm",
+        "network",
+    ]
     assert lines[2].startswith("OK   deepspeed imports") and "WARNING" not in result.stdout + result.stderr
     assert lines[-1].startswith("OK: this machine can run rlarith")
 
@@ -161,3 +167,23 @@ def test_grace_budget_is_measured_from_a_real_run(model, tmp_path) -> None:
         load_config(REPO / "configs" / "default.yaml", [*common[2:], "slurm.signal_delay_s=0"])
     )
     assert tight.status == "FAIL" and "raise slurm.signal_delay_s" in tight.detail
+
+
+def test_network_says_when_nccl_would_fall_back_to_sockets(tmp_path: Path, monkeypatch) -> None:
+    """InfiniBand devices without the user-space libraries: NCCL would use TCP sockets, silently."""
+    from rlarith import doctor as doc
+
+    cfg = load_config(REPO / "configs" / "default.yaml")
+    (tmp_path / "mlx5_0").mkdir()
+    monkeypatch.setattr(doc, "IB_SYSFS", tmp_path)
+    monkeypatch.setattr(doc, "_ibverbs", lambda: (None, []))
+    check = doc.check_network(cfg)
+    assert (
+        check.status == "FAIL"
+        and "mlx5_0" in check.detail
+        and "libibverbs1 and ibverbs-providers" in check.detail
+    )
+    monkeypatch.setattr(doc, "_ibverbs", lambda: ("libibverbs.so.1", ["mlx5"]))
+    assert doc.check_network(cfg).detail.startswith("NCCL between nodes: InfiniBand/RoCE (mlx5_0")
+    monkeypatch.setattr(doc, "IB_SYSFS", tmp_path / "none")
+    assert "TCP sockets" in doc.check_network(cfg).detail

@@ -320,3 +320,17 @@ def test_ch_run_trains_in_the_read_only_image_as_a_host_user(image, sft_model: P
     out = image.ch_run(bind, ["rlarith", *train_args("ch", steps=4)], timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     assert logged(scratch / "runs" / "ch") == 4 and (scratch / "runs" / "ch").stat().st_uid == uid
+
+
+def test_an_image_whose_rlarith_reads_configs_otherwise_is_named_before_training(image, monkeypatch) -> None:
+    """The host's rlarith writes the frozen config, the image's parses it strictly: the job driver asks the
+    image first (``rlarith version`` through the runtime) and fails once, saying what to rebuild."""
+    from rlarith import container
+    from rlarith.config import load_config
+
+    cfg = load_config(overrides=[f"slurm.container={image.ch_dir}", "slurm.container_runtime=ch-run"])
+    env = {k: v for k, v in os.environ.items() if k != "USER"}
+    assert container.version_mismatch(cfg, env) is None
+    monkeypatch.setattr(container, "schema_id", lambda: "0123456789")  # as if the host's rlarith were newer
+    said = container.version_mismatch(cfg, env)
+    assert said and "config schema 0123456789" in said and "Rebuild the image" in said, said
