@@ -472,7 +472,7 @@ def check_grace(cfg: RunConfig) -> Check:
             f"checkpoints (e.g. training.max_steps=2 checkpoints.save_every=1) and run doctor again; "
             f"slurm.signal_delay_s={delay} s must cover one step and one save",
         )
-    status, detail = verdict(step, save, delay, partition_grace_s(cfg.slurm.partition))
+    status, detail = verdict(step, save, delay, partition_grace_s(cfg.slurm.partition, cfg.slurm.qos))
     return Check(status, "grace", detail)
 
 

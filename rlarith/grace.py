@@ -39,32 +39,61 @@ def measured_times(run_dir: Path) -> tuple[float | None, float | None]:
     return (max(steps[-50:]) if steps else None), (max(saves) if saves else None)
 
 
-def partition_grace_s(partition: str) -> int | None:
-    """The partition's preemption ``GraceTime`` in seconds; None when unknown (no SLURM, no partition)."""
-    if not partition:
+def _seconds(text: str) -> int | None:
+    """SLURM's durations: ``15`` (GraceTime in scontrol, seconds), ``00:00:20``, ``1-00:00:00`` (sacctmgr).
+
+    >>> _seconds("15"), _seconds("00:00:20"), _seconds("01:02"), _seconds("1-00:00:00"), _seconds("")
+    (15, 20, 62, 86400, None)
+    """
+    match = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text.strip())
+    if not match:
         return None
+    days, *parts = match.groups()
+    units = [int(x) for x in parts if x is not None]
+    total = 0
+    for unit in units if len(units) > 1 else []:
+        total = total * 60 + unit
+    return (total if len(units) > 1 else units[0]) + int(days or 0) * 86400
+
+
+def partition_grace_s(partition: str, qos: str = "") -> int | None:
+    """The preemption ``GraceTime`` in seconds of the partition and of the QOS (``slurm.qos``), the shorter
+    where both have one: SLURM applies the partition's under ``preempt/partition_prio`` and the QOS's under
+    ``preempt/qos``, and the checkpoint must fit whichever it is. None when unknown (no SLURM, no partition)."""
+    found: list[int] = []
     try:
-        text = subprocess.run(
-            ["scontrol", "show", "partition", "-o", partition], capture_output=True, text=True, timeout=30
-        ).stdout
+        if partition:
+            text = subprocess.run(
+                ["scontrol", "show", "partition", "-o", partition], capture_output=True, text=True, timeout=30
+            ).stdout
+            match = re.search(r"GraceTime=(\d+)", text)
+            found += [int(match.group(1))] if match else []
+        if qos:
+            text = subprocess.run(
+                ["sacctmgr", "-n", "-P", "show", "qos", qos, "format=GraceTime"],
+                capture_output=True, text=True, timeout=30,
+            ).stdout  # fmt: skip
+            found += [s for s in map(_seconds, text.split()[:1]) if s is not None]
     except (OSError, subprocess.TimeoutExpired):
+        pass
+    if not found:
         return None
-    match = re.search(r"GraceTime=(\d+)", text)
-    return int(match.group(1)) if match else None
+    positive = [g for g in found if g > 0]
+    return min(positive) if positive else 0
 
 
 def verdict(step_s: float, save_s: float, signal_delay_s: int, grace_s: int | None = None) -> tuple[str, str]:
     """``(OK|WARN|FAIL, sentence)``: one step plus one save against the signal lead time and, for a
-    preemptible partition, its GraceTime (0 means SLURM gives no time at all and is left out).
+    preemptible partition or QOS, its GraceTime (0 means SLURM gives no time at all and is left out).
 
     >>> verdict(0.5, 8.0, 120)[0], verdict(0.5, 8.0, 120, grace_s=15)[0], verdict(0.5, 8.0, 8)[0]
     ('OK', 'WARN', 'FAIL')
     >>> verdict(0.5, 8.0, 120, grace_s=5)[1]
-    'one step 0.50 s + one save 8.00 s = 8.50 s of 5 s (the partition GraceTime): a stop signal cannot end in a checkpoint; raise the partition GraceTime to at least 17 s'
+    'one step 0.50 s + one save 8.00 s = 8.50 s of 5 s (the preemption GraceTime): a stop signal cannot end in a checkpoint; raise the preemption GraceTime to at least 17 s'
     """
     limits = [(signal_delay_s, "slurm.signal_delay_s")]
     if grace_s:
-        limits.append((grace_s, "the partition GraceTime"))
+        limits.append((grace_s, "the preemption GraceTime"))
     budget, name = min(limits)
     need = step_s + save_s
     detail = f"one step {step_s:.2f} s + one save {save_s:.2f} s = {need:.2f} s of {budget} s ({name})"

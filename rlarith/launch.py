@@ -477,7 +477,9 @@ class TrainJob:
         """Rank 0 at the start of an attempt: the grace check and the attempt's start record; a restart
         SLURM made after a failure rlarith did not requeue ends here (``endings.before_restart``)."""
         cfg, run_dir = self.cfg, self.cfg.run_dir
-        grace = partition_grace_s(cfg.slurm.partition) if cfg.slurm.executor == "slurm" else None
+        grace = (
+            partition_grace_s(cfg.slurm.partition, cfg.slurm.qos) if cfg.slurm.executor == "slurm" else None
+        )
         if grace is not None:
             env["RLARITH_GRACE_S"] = str(grace)
         step_s, save_s = measured_times(run_dir)  # from earlier attempts, when there were any

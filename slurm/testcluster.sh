@@ -36,8 +36,9 @@
 #   - one preempt signal per cluster: preempt_send_user_signal is on, so a job with --signal gets its own
 #     signal at preemption (submitit's USR2) and a job without one gets plain SIGTERM (then SIGKILL after
 #     KillWait): both kinds of jobs, one cluster.
-#   - QOS GraceTime: the QOS `grace` (GraceTime=20) exists for the client side, but SLURM uses a QOS's
-#     GraceTime only under PreemptType=preempt/qos; here preemption is by partition (partition GraceTime).
+#   - QOS GraceTime: the QOS `grace` (GraceTime=10) exists for the client side (rlarith's grace budget takes
+#     the shorter of partition and QOS), but SLURM uses a QOS's GraceTime only under PreemptType=preempt/qos;
+#     here preemption is by partition (the partition's GraceTime applies).
 #   - job accounting by cgroup: jobacct_gather/none (no per-step usage; sacct's states are real).
 #
 # Folder: $RLARITH_SLURM_DIR (default /tmp/rlarith-slurm). Ports (inside the namespaces): slurmctld
@@ -51,6 +52,7 @@ DBD_PORT=$((CTLD_PORT + 2))
 DB_PORT=$((CTLD_PORT + 9))
 NNODES=${RLARITH_SLURM_NNODES:-2}
 GPUS=4 # GRES gpu per node
+QOS_GRACE_S=10 # the QOS `grace`: shorter than the partitions' 15 s, so a client that ignores it is caught
 PACKAGES=(munge slurmctld slurmd slurm-client slurmdbd mariadb-server iproute2 util-linux)
 WAIT_S=${RLARITH_SLURM_WAIT_S:-60} # per daemon; the first MariaDB/slurmdbd start creates tables
 NET=10.77.0
@@ -449,6 +451,15 @@ start_slurm_daemon() { # name, readiness description, readiness command...
 	STARTED+=("$name")
 }
 
+# The QOS `grace` with its GraceTime, as this script says (kept in the accounting database across starts).
+ensure_qos() {
+	if ! qos_ready; then
+		in_head sacctmgr -i add qos grace >/dev/null || fail_daemon slurmdbd "refused to add the QOS 'grace'"
+	fi
+	[[ $(in_head sacctmgr -n -P show qos grace format=GraceTime 2>/dev/null) == "$(printf '00:00:%02d' "$QOS_GRACE_S")" ]] ||
+		in_head sacctmgr -i modify qos where name=grace set GraceTime="$QOS_GRACE_S" >/dev/null
+}
+
 cluster_registered() { in_head sacctmgr -n -P list cluster format=cluster 2>/dev/null | grep -qx rlarith; }
 qos_ready() { in_head sacctmgr -n -P list qos grace format=name 2>/dev/null | grep -qx grace; }
 ctld_up() { in_head scontrol ping 2>/dev/null | grep -q 'is UP'; }
@@ -524,7 +535,7 @@ cmd_start() {
 	lock
 	# Fast path: everything running with the config this script writes (only root can rewrite it).
 	if all_up 2>/dev/null; then
-		[[ $(id -u) == 0 ]] && write_configs && write_wrappers && hosts_add
+		[[ $(id -u) == 0 ]] && write_configs && write_wrappers && hosts_add && ensure_qos
 		if [[ $(id -u) != 0 ]] || ((!SLURM_CONF_CHANGED && !DBD_CONF_CHANGED)); then
 			say "already running (${NODES[*]}, SLURM_CONF=$CONF)"
 			return 0
@@ -560,13 +571,10 @@ cmd_start() {
 	for n in "${NODES[@]}"; do wait_node "$n"; done
 	# slurmctld adds the cluster to the accounting database when it first registers.
 	wait_for slurmdbd "holding cluster 'rlarith' (sacctmgr list cluster)" cluster_registered
-	if ! qos_ready; then
-		in_head sacctmgr -i add qos grace GraceTime=20 >/dev/null ||
-			fail_daemon slurmdbd "refused to add the QOS 'grace'"
-	fi
+	ensure_qos
 	if ((${#STARTED[@]})); then say "started ${STARTED[*]} (logs in $DIR/log)"; fi
 	say "up in $(since "$t0") s: nodes ${NODES[*]} (CPUs=$(nproc), gpu:$GPUS each); partitions low (PreemptMode=REQUEUE)," \
-		"lowcancel (PreemptMode=CANCEL), both PriorityTier=1 GraceTime=15 s, and high (PriorityTier=10); QOS grace (GraceTime=20)"
+		"lowcancel (PreemptMode=CANCEL), both PriorityTier=1 GraceTime=15 s, and high (PriorityTier=10); QOS grace (GraceTime=$QOS_GRACE_S)"
 	say "clients: eval \"\$($0 env)\"   (SLURM_CONF=$CONF; PATH gets $DIR/bin)"
 }
 

@@ -11,7 +11,8 @@ The cluster: nodes ``n1`` and ``n2`` (``SlurmCluster.nodes``), each a network na
 (10.77.0.11, .12), hostname and slurmd, 2 CPUs (this machine's, shared) and a GRES ``gpu:4`` of device files
 (SLURM sets ``CUDA_VISIBLE_DEVICES`` per allocation); ``proctrack/cgroup``, ``task/cgroup,task/affinity``,
 ``KillWait=30``, ``SlurmdTimeout=30``; partitions ``low`` (preempted with ``PreemptMode=REQUEUE``),
-``lowcancel`` (``PreemptMode=CANCEL``), both ``GraceTime=15``, and ``high``, which preempts them; QOS ``grace``.
+``lowcancel`` (``PreemptMode=CANCEL``), both ``GraceTime=15``, and ``high``, which preempts them; QOS ``grace``
+(``GraceTime=10``).
 A job with ``--signal`` gets that signal at preemption, one without gets SIGTERM. The clients (sbatch,
 sacct, scontrol, srun...) are on PATH through ``env`` (wrappers that enter the head's namespace). Helpers
 for multi-node tests: ``node_run(node, cmd, **kw)`` runs a command "on" a node (its network and hostname;

@@ -14,6 +14,8 @@ import shlex
 import socket
 import subprocess
 import sys
+import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,7 @@ from test_train import assert_same_weights, metrics
 from conftest import REPO, rlarith_env, wait_for
 from rlarith import attempts
 from rlarith.checkpoints import valid_checkpoints
+from rlarith.grace import partition_grace_s, verdict
 from rlarith.ranks import PORT_RANGE
 
 PROBE = REPO / "tests" / "rank_probe"
@@ -143,6 +146,15 @@ def test_jobs_side_by_side_never_share_a_rendezvous_port_and_a_requeue_moves_it(
     assert "MASTER_PORT=29500 from the submitting shell is not used" in logs
 
 
+def test_the_grace_budget_counts_the_qos_grace_time(slurm_cluster: SlurmCluster) -> None:
+    """Partition ``low`` gives 15 s after a preemption's signal, the QOS ``grace`` 10 s: a job in both must
+    fit its checkpoint in the shorter (SLURM uses the QOS's under preempt/qos)."""
+    assert partition_grace_s("low") == 15
+    assert partition_grace_s("low", "grace") == 10
+    assert partition_grace_s("", "grace") == 10
+    assert verdict(2.0, 4.0, 120, partition_grace_s("low", "grace"))[0] == "WARN"  # 6 s of 10: under 2x
+
+
 # ------------------------------------------------------------------ 2 nodes x 2 ranks, ZeRO-2, preempted
 
 README = REPO / "README.md"
@@ -211,6 +223,7 @@ def test_readme_two_node_command_preempted_resumes_bitwise(
         wait_for(lambda: logged_step(run_dir) >= 2 or watcher.poll() is not None, timeout=600, interval=0.2)
         job = job_id(log.read_text())
         assert sorted(slurm_cluster.job_nodes(job)) == ["n1", "n2"]
+        preempted_at = time.time()
         slurm_cluster.preempt(job, hold_s=2)
         assert watcher.wait(timeout=600) == 0, log.read_text()
     finally:
@@ -229,3 +242,12 @@ def test_readme_two_node_command_preempted_resumes_bitwise(
     assert sorted(frame["step"].unique()) == list(range(1, TWO_NODES_STEPS + 1))
     assert (frame.groupby("step").size() == 64).all()  # each step once: 8 problems x 8 completions
     assert sorted(frame["rank"].unique()) == [0, 1, 2, 3]
+    # The intervals docs/slurm.md reports (pytest -s shows them).
+    seconds = lambda iso: datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()  # noqa: E731
+    steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    resumed = min(seconds(r["time"]) for r in steps if "loss" in r and r["step"] == rows[1]["first_step"])
+    first, second = rows
+    print(f"\n{partition}: preemption -> USR2 at the driver {seconds(first['signalled']) - preempted_at:.1f} s; "
+          f"-> saved exit (4 ranks) {seconds(first['end']) - seconds(first['signalled']):.1f} s; exit -> restart "
+          f"{seconds(second['start']) - seconds(first['end']):.1f} s; restart -> first new step "
+          f"{resumed - seconds(second['start']):.1f} s; exit -> first new step {resumed - seconds(first['end']):.1f} s")  # fmt: skip
