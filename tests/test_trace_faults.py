@@ -363,3 +363,26 @@ def test_a_node_crash_after_a_checkpoint_keeps_the_traces_up_to_it(sft_model, ex
     said = f"traces for steps 1-{resumed} are missing from {str(run_dir / 'traces')!r}: purged or lost"
     assert said in log.read_text(), log.read_text()[-3000:]
     assert traces.open(run_dir).steps()["step"].tolist() == list(range(resumed + 1, 7))
+
+
+def test_a_crash_emptied_config_yaml_still_finds_the_configured_trace_folder(tmp_path):
+    """config.yaml emptied by a crash is not the default config (whose trace folder is another one): the
+    reader takes the config sealed into the latest checkpoint, says so, and finds the traces; with no such
+    copy it refuses, naming the file."""
+    from test_run_integrity import FILES, stage
+
+    from rlarith.checkpoints import checkpoint_path, seal
+    from rlarith.config import flat
+
+    cfg = load_config(overrides=["name=r", f"runs_dir={tmp_path}", f"traces.dir={tmp_path / 'elsewhere'}"])
+    cfg.run_dir.mkdir(parents=True)
+    save_config(cfg, cfg.run_dir / "config.yaml")
+    with writer_for(cfg.trace_dir, cfg.run_dir) as w:
+        w.write_step(1, samples(1))
+    (cfg.run_dir / "config.yaml").write_bytes(b"")
+    with pytest.raises(traces.TraceError, match="config.yaml: .*empty"):
+        traces.open(cfg.run_dir)
+    seal(stage(cfg.run_dir, 2), checkpoint_path(cfg.run_dir, 2), {"config": flat(cfg)}, required=list(FILES))
+    with pytest.warns(UserWarning, match="using the config sealed into .*checkpoint-2"):
+        tr = traces.open(cfg.run_dir)
+    assert tr.directory == cfg.trace_dir

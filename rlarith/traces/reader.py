@@ -23,7 +23,7 @@ import pandas as pd
 import zstandard
 
 from rlarith import metrics as metrics_file
-from rlarith.config import ConfigError, RunConfig, default_trace_dir, load_config
+from rlarith.config import ConfigDamaged, ConfigError, RunConfig, default_trace_dir
 from rlarith.traces.format import (
     FORMAT,
     META_COLUMNS,
@@ -742,10 +742,21 @@ def run_trace_dir(run_dir: Path, cfg: RunConfig) -> Path:
 
 
 def _run_config(run_dir: Path) -> RunConfig | None:
+    """The run's config (None when it has no config.yaml or it does not parse as one); a config.yaml a crash
+    emptied is never the defaults, whose trace folder would be another run's: the checkpoint's copy stands in."""
+    from rlarith.checkpoints import run_config
+
+    if not (run_dir / "config.yaml").is_file():
+        return None
     try:
-        return load_config(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else None
+        cfg, note = run_config(run_dir)
+    except ConfigDamaged as err:
+        raise TraceError(f"cannot tell where the run's traces are: {err}") from None
     except ConfigError:
         return None
+    if note:
+        warnings.warn(note, stacklevel=2)
+    return cfg
 
 
 def _generate_every(cfg: RunConfig | None) -> int:
