@@ -136,6 +136,10 @@ def requeue(job_id: str, tries: int = REQUEUE_TRIES) -> str:
         if done.returncode == 0:
             return ""
         said = (done.stderr or done.stdout).strip() or f"exit {done.returncode}"
+        # A controller that answered too late may have done it ("Socket timed out", then "Job is pending
+        # execution" on the retry): SLURM counting the restart is the truth.
+        if requeued_by_slurm(scontrol_job(job_id)):
+            return ""
     return said
 
 
