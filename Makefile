@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # Rebuilt when the dependency lists change.
 INSTALLED := $(VENV)/.installed
 
-.PHONY: setup demo test lint format
+.PHONY: setup demo test lint format image-test
 
 setup: $(INSTALLED)
 
@@ -31,3 +31,8 @@ format: $(INSTALLED)
 
 test: lint
 	$(BIN)/python -m pytest
+
+# The image built for real and run (root, Debian 12: podman, debootstrap, charliecloud; container/testimage.sh)
+# with the container tests. `make test` runs them too; this is the short loop for a change to the image.
+image-test: $(INSTALLED)
+	$(BIN)/python -m pytest -m image tests/test_image.py tests/test_submit.py

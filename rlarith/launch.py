@@ -6,8 +6,8 @@ How a SLURM run survives preemption and time limits:
    ``TrainJob`` through submitit: ``sbatch --requeue --signal=USR2@<slurm.signal_delay_s>``, one task per
    rank, ``srun`` starting submitit's runner in each task.
 2. In every task, ``TrainJob.__call__`` (the job driver, on the host) builds the rank's torch.distributed
-   environment from the job, starts ``rlarith train`` as a child process (inside ``apptainer exec`` when
-   ``slurm.container`` is set), forwards USR2/TERM/INT to it and waits. It replaces submitit's own USR2
+   environment from the job, starts ``rlarith train`` as a child process (inside the image when
+   ``slurm.container`` is set: ``rlarith.container``), forwards USR2/TERM/INT to it and waits. It replaces submitit's own USR2
    handler, which would requeue from the signal handler while the trainer is still saving.
 3. The trainer answers a signal at the next step boundary: every rank saves its part of a full checkpoint,
    and exits 75 (``rlarith.preemption.EXIT_STOPPED``). Then rank 0's driver asks SLURM why the job was

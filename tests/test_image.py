@@ -236,6 +236,7 @@ def logged(run_dir: Path) -> int:
     return max((json.loads(line).get("step", 0) for line in lines if '"loss"' in line), default=0)
 
 
+@pytest.mark.image
 def test_image_answers_help_and_doctor(image) -> None:
     helped = image.podman("run", "--rm", image.name, timeout=120)  # CMD ["--help"]
     assert helped.returncode == 0 and "train" in helped.stdout, helped.stdout + helped.stderr
@@ -254,6 +255,7 @@ def test_image_answers_help_and_doctor(image) -> None:
     assert version == host.stdout.strip(), "the image was built from this checkout"
 
 
+@pytest.mark.image
 def test_a_root_owned_bind_gets_a_clear_message_not_a_traceback(image, tmp_path: Path) -> None:
     (tmp_path / "root-owned").mkdir()
     out = image.podman("run", "--rm", "--network=none", "-v", f"{tmp_path / 'root-owned'}:/scratch", image.name,
@@ -263,6 +265,7 @@ def test_a_root_owned_bind_gets_a_clear_message_not_a_traceback(image, tmp_path:
     assert "uid 1000" in out.stderr and "--userns=keep-id:uid=1000,gid=1000" in out.stderr
 
 
+@pytest.mark.image
 @pytest.mark.slow
 def test_trains_as_uid_1000_stops_on_usr2_and_resumes_in_the_restarted_container(image, sft_model: Path, tmp_path: Path) -> None:  # fmt: skip
     from test_train import assert_same_weights, metrics
@@ -306,6 +309,7 @@ def test_trains_as_uid_1000_stops_on_usr2_and_resumes_in_the_restarted_container
     assert f"steps: {IMAGE_STEPS}  samples: {IMAGE_STEPS * 16}" in summary.stdout, summary.stdout
 
 
+@pytest.mark.image
 @pytest.mark.slow
 def test_ch_run_trains_in_the_read_only_image_as_a_host_user(image, sft_model: Path, request) -> None:
     home = Path(tempfile.mkdtemp(prefix="rlarith-ch-"))  # pytest's own folders are root's alone (0700)
@@ -322,6 +326,7 @@ def test_ch_run_trains_in_the_read_only_image_as_a_host_user(image, sft_model: P
     assert logged(scratch / "runs" / "ch") == 4 and (scratch / "runs" / "ch").stat().st_uid == uid
 
 
+@pytest.mark.image
 def test_an_image_whose_rlarith_reads_configs_otherwise_is_named_before_training(image, monkeypatch) -> None:
     """The host's rlarith writes the frozen config, the image's parses it strictly: the job driver asks the
     image first (``rlarith version`` through the runtime) and fails once, saying what to rebuild."""
