@@ -151,6 +151,10 @@ def test_local_executor_runs_the_job_and_records_the_attempt(sft_model: Path, tm
         text=True,
     )
     assert status.returncode == 0 and "finished" in status.stdout and "checkpoint-4" in status.stdout
+    # One attempt id for the job driver's record and the trainer's traces.
+    import rlarith.traces
+
+    assert set(rlarith.traces.open(tmp_path / "local").frame()["attempt"]) == {rows[0]["attempt"]}
 
 
 def test_a_missing_model_is_refused_before_submitting(tmp_path: Path) -> None:
@@ -224,27 +228,57 @@ def test_failing_trainer_fails_the_job_once(slurm_cluster, tmp_path: Path) -> No
     assert "exited with status" in out.stdout
 
 
+def trainers_seen(run_dir: Path) -> list[dict[str, str]]:
+    """For each running trainer of ``run_dir``: its executable, the folder mounted as its root (from
+    /proc/PID/mountinfo; ``/`` on the host) and its environment."""
+    seen = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\x00")
+            if b"train" not in cmdline or not any(str(run_dir.parent).encode() in arg for arg in cmdline):
+                continue
+            root = [
+                line.split()[3]
+                for line in (proc / "mountinfo").read_text().splitlines()
+                if line.split()[4] == "/"
+            ]
+            env = dict(v.split("=", 1) for v in (proc / "environ").read_text().split("\x00") if "=" in v)
+            seen.append({"exe": os.readlink(proc / "exe"), "root": root[-1], "env": env})
+        except (OSError, IndexError):
+            continue
+    return seen
+
+
+@pytest.mark.image
 @pytest.mark.slow
-def test_container_job_gets_signals_and_is_requeued_from_the_host(slurm_cluster, sft_model: Path, tmp_path: Path, reference: Path) -> None:  # fmt: skip
+def test_container_job_gets_signals_and_is_requeued_from_the_host(slurm_cluster, image, sft_model: Path, tmp_path: Path, reference: Path) -> None:  # fmt: skip
+    """The trainer in the real image under ch-run (apptainer's model: a read-only image directory, the
+    host user, binds; no scontrol inside): preempted, saved inside, requeued from the host, resumed."""
     env, run_dir = slurm_cluster.env, tmp_path / "box"
-    image = tmp_path / "rlarith.sif"
-    image.write_text("stand-in image")
-    calls = tmp_path / "apptainer.jsonl"
-    bin_dir = str(Path(sys.executable).parent)  # `rlarith` inside the "image"
-    env = {**env, "RLARITH_APPTAINER": str(REPO / "tests" / "fake_apptainer.py"), "FAKE_APPTAINER_LOG": str(calls),
-           "PATH": f"{bin_dir}:{os.environ['PATH']}"}  # fmt: skip
-    watcher = follow(
-        job_args(sft_model, tmp_path, "box", f"slurm.container={image}"), env, tmp_path / "wait.log"
+    # The environment is clean: a host PYTHONPATH would put this sitecustomize into the image's Python.
+    leak = tmp_path / "leak"
+    leak.mkdir()
+    (leak / "sitecustomize.py").write_text(
+        "import sys, pathlib\n"
+        f"if sys.prefix.startswith('/opt/conda'): pathlib.Path({str(tmp_path / 'leaked')!r}).touch()\n"
     )
-    wait_for(lambda: logged_step(run_dir) >= 3 or watcher.poll() is not None, timeout=180)
+    env = {**env, "PYTHONPATH": str(leak)}
+    traces = tmp_path / "not-yet" / "traces"  # a bind source that does not exist when the job starts
+    args = job_args(sft_model, tmp_path, "box", f"slurm.container={image.ch_dir}", "slurm.container_runtime=ch-run",
+                    f"traces.dir={traces}")  # fmt: skip
+    watcher = follow(args, env, tmp_path / "wait.log")
+    wait_for(lambda: logged_step(run_dir) >= 3 or watcher.poll() is not None, timeout=300)
+    (trainer,) = trainers_seen(tmp_path)
     preempt(env)
     assert watcher.wait(timeout=400) == 0, (tmp_path / "wait.log").read_text()
-    assert ended(run_dir) == ["preempted", "finished"]
-    used = [json.loads(line) for line in calls.read_text().splitlines()]
-    assert len(used) == 2 and all(
-        c["image"] == str(image) and c["command"][:2] == ["rlarith", "train"] for c in used
+    # The trainer ran in the image (its Python, the image directory as its root) with a clean environment.
+    assert trainer["root"] == str(image.ch_dir) and trainer["env"]["PATH"].startswith("/opt/conda/bin:"), (
+        trainer
     )
-    assert str(tmp_path) in used[0]["binds"]  # runs_dir is bound
+    assert "PYTHONPATH" not in trainer["env"] and trainer["env"]["PYTHONNOUSERSITE"] == "1"
+    assert trainer["env"]["RLARITH_ATTEMPT"] == attempts.merged(run_dir)[0]["attempt"]
+    assert ended(run_dir) == ["preempted", "finished"]
+    assert not (tmp_path / "leaked").exists(), "the host's PYTHONPATH reached the image's Python"
     assert_matches_reference(run_dir, reference)
 
 
