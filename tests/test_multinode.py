@@ -210,7 +210,9 @@ def test_readme_two_node_command_preempted_resumes_bitwise(
     and the driver requeues it itself (PreemptMode=CANCEL). Every logged metric and the final weights equal
     the uninterrupted 4-rank torchrun run, bit for bit, and the traces hold each step once."""
     work = checkout(tmp_path, sft_model)
-    command = readme_command() + ("" if partition == "low" else f" slurm.partition={partition}")
+    command = readme_command()
+    if partition != "low":  # the same command in the other partition (a later key=value wins)
+        command = command.replace(" --wait", f" slurm.partition={partition} --wait")
     env = rlarith_env(**slurm_cluster.env)
     env["PATH"] = (
         f"{Path(sys.executable).parent}:{env['PATH']}"  # `rlarith`, as after `source .venv/bin/activate`
