@@ -29,8 +29,9 @@ from rlarith import attempts
 SLURM_SIGNAL_EARLY_S = 60
 """SLURM may send ``--signal`` up to this many seconds before the time asked for."""
 
-REQUEUE_TRIES = 4
-"""``scontrol requeue`` attempts (a busy controller answers "Socket timed out"); 2, 4, 8 s apart."""
+REQUEUE_TRIES = 6
+"""``scontrol requeue`` attempts, 2, 4, 8, 16, 32 s apart: a busy controller answers "Socket timed out",
+and a restarting one not at all (scontrol gives up after ~10 s); a minute covers a controller restart."""
 
 FAILURE_ENDINGS = ("failed-requeued", "lost")
 """Endings that used one of ``slurm.max_failures``."""

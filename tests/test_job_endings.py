@@ -433,3 +433,26 @@ def test_wait_returns_when_the_job_ends_preempted(slurm_cluster, sft_model: Path
     assert watcher.wait(timeout=240) == 1, (tmp_path / "wait.log").read_text()
     said = (tmp_path / "wait.log").read_text()
     assert "ended PREEMPTED and was not requeued" in said and "rlarith submit -c" in said, said
+
+
+@pytest.mark.slow
+def test_a_requeue_while_the_controller_is_down_is_asked_again(slurm_cluster, sft_model: Path, tmp_path: Path) -> None:  # fmt: skip
+    """slurmctld goes down (SIGTERM) as a stopped job's rank 0 asks for the requeue, and comes back 60 s
+    later: the driver asks again until it answers, the job restarts and finishes, and the record says
+    requeued. Before, one failed ``scontrol requeue`` ended the job."""
+    env, run_dir = slurm_cluster.env, tmp_path / "retry"
+    args = job_args(sft_model, tmp_path, "retry", "training.max_steps=8", "traces.enabled=false")
+    watcher = follow(args, env, tmp_path / "wait.log")
+    wait_for(lambda: logged_step(run_dir) >= 2 or watcher.poll() is not None, timeout=400)
+    (driver,) = drivers(str(tmp_path / "submitit"))
+    os.kill(_ctld_pid(slurm_cluster), signal.SIGTERM)  # the controller saves its state and exits
+    os.kill(driver, signal.SIGUSR2)  # a stop from outside: the trainer saves, then rank 0 requeues
+    try:
+        time.sleep(60)  # past what one scontrol call waits for a controller (about 15 s)
+    finally:
+        started = subprocess.run(["bash", str(REPO / "slurm" / "testcluster.sh"), "start"], capture_output=True,
+                                 text=True, timeout=300)  # fmt: skip
+    assert started.returncode == 0, started.stderr
+    assert watcher.wait(timeout=400) == 0, (tmp_path / "wait.log").read_text()
+    rows = attempts.merged(run_dir)
+    assert [r.get("ended") for r in rows] == ["requeued", "finished"], rows
