@@ -25,6 +25,7 @@ from datetime import datetime
 from pathlib import Path
 
 from rlarith import attempts
+from rlarith.durable import EXIT_STORAGE
 
 SLURM_SIGNAL_EARLY_S = 60
 """SLURM may send ``--signal`` up to this many seconds before the time asked for."""
@@ -157,12 +158,28 @@ def no_requeue(job_id: str) -> None:
 
 
 def after_failure(
-    run_dir: Path, job_id: str, resumed_from: int, checkpoint: int | None, max_failures: int
+    run_dir: Path,
+    job_id: str,
+    resumed_from: int,
+    checkpoint: int | None,
+    max_failures: int,
+    exits: tuple[int | None, ...] = (),
 ) -> tuple[bool, str]:
     """Whether a failed attempt is requeued, and why (or why not), in words.
 
     Requeued only when it saved a checkpoint past the one it resumed from (``resumed_from``, 0 for none)
-    and the job has used fewer than ``max_failures`` restarts after failures."""
+    and the job has used fewer than ``max_failures`` restarts after failures. A storage error (a rank's
+    exit in ``exits`` is ``EXIT_STORAGE``: a full or read-only disk) is never requeued: the next attempt
+    would meet the same disk.
+
+    >>> after_failure(Path("/nonexistent"), "7", 2, 4, 2, exits=(74,))
+    (False, 'a storage error (exit 74: a full, read-only or vanished disk; the trainer said which file): not requeued, the next attempt would meet the same disk')
+    """
+    if EXIT_STORAGE in exits:
+        return False, (
+            f"a storage error (exit {EXIT_STORAGE}: a full, read-only or vanished disk; the trainer said which "
+            "file): not requeued, the next attempt would meet the same disk"
+        )
     used = attempts.count(run_dir, job_id, *FAILURE_ENDINGS)
     if not checkpoint or checkpoint <= resumed_from:
         since = f"checkpoint-{resumed_from}" if resumed_from else "the start"

@@ -555,7 +555,12 @@ class TrainJob:
             )
             detail = attempts.failure_text(first) + quiet + "\n" + (first.get("detail") or "")
             requeue, reason = endings.after_failure(
-                run_dir, job_id, resumed, checkpoint, cfg.slurm.max_failures
+                run_dir,
+                job_id,
+                resumed,
+                checkpoint,
+                cfg.slurm.max_failures,
+                tuple(f.get("exit") for f in failures),
             )
             requeue = requeue and slurm
             ended = "failed-requeued" if requeue else "failed"
