@@ -385,7 +385,10 @@ spawn() { # log, command...
 	SPAWNED=$!
 }
 # The spawned process is still there (mariadbd writes its pid file only once it is up).
-spawned_alive() { [[ -r /proc/$SPAWNED/stat && $(cut -d' ' -f3 "/proc/$SPAWNED/stat") != Z ]]; }
+spawned_alive() {
+	local state
+	state=$(cut -d' ' -f3 "/proc/$SPAWNED/stat" 2>/dev/null) && [[ $state != Z ]]
+}
 
 start_munged() {
 	alive munged && return 0
