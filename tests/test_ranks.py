@@ -5,6 +5,8 @@ real driver: tests/test_multinode.py."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from rlarith.config import ConfigError, SlurmConfig
@@ -74,3 +76,23 @@ def test_a_first_node_that_resolves_to_loopback_is_refused_across_nodes() -> Non
         master_addr("localhost", 2, False)
     with pytest.raises(RankEnvError, match="does not resolve"):
         master_addr("no-such-node.invalid", 2, False)
+
+
+def test_doctor_checks_the_ranks_a_job_was_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``rlarith doctor`` inside a job: the GPUs SLURM gave this task and its CPU mask, against the config."""
+    from rlarith.config import RunConfig
+    from rlarith.doctor import check_ranks
+
+    cfg = RunConfig(slurm=SlurmConfig(nodes=2, tasks_per_node=4, gpus_per_node=4, cpus_per_task=1))
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    assert check_ranks(cfg).status == "OK"  # outside a job: the plan only
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    monkeypatch.setenv("SLURM_LOCALID", "3")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")  # two GPUs for four ranks
+    check = check_ranks(cfg)
+    assert check.status == "FAIL" and "sees 2 GPU(s)" in check.detail, check
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
+    assert check_ranks(cfg).status == "OK"
+    many = RunConfig(slurm=SlurmConfig(cpus_per_task=len(os.sched_getaffinity(0)) + 1))
+    check = check_ranks(many)
+    assert check.status == "WARN" and "srun --cpus-per-task" in check.detail, check
