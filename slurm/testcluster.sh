@@ -378,10 +378,13 @@ make_gpus() {
 
 # A daemon is started detached (setsid, stdio to its log): a pytest that started the cluster must not
 # wait on the daemons' pipes, and a Ctrl-C in its terminal must not reach them. fd 9 is the start lock.
+# Every other inherited descriptor is closed too: a start under `flock FILE` (the tests' session lock)
+# would otherwise leave the lock held by the daemons for as long as they run.
 spawn() { # log, command...
 	local log=$1
 	shift
-	setsid bash -c '"$@"' bash "$@" </dev/null >>"$log" 2>&1 9>&- &
+	setsid bash -c 'for fd in /proc/$$/fd/*; do fd=${fd##*/}; ((fd > 2)) && eval "exec $fd>&-"; done 2>/dev/null
+"$@"' bash "$@" </dev/null >>"$log" 2>&1 9>&- &
 	SPAWNED=$!
 }
 # The spawned process is still there (mariadbd writes its pid file only once it is up).
